@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`, each from nothing but Python.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned: on a machine without a GPU this is the CPU build (this
+# workplace keeps its wheel on local disk). Elsewhere pass TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# for a CPU build, or leave it empty on a GPU machine.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+TORCH_INDEX_FLAG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX_FLAG)
+	$(PY) -m pip install -q -e '.[test,demo]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py --config configs/demo_270m.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build outputs

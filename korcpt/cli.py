@@ -1,0 +1,22 @@
+"""Conventions shared by every command-line tool: one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from korcpt.errors import KorcptError
+
+EXIT_USER_ERROR = 2
+
+
+def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a tool's ``main``; turn a :class:`KorcptError` into ``error: ...`` on stderr and exit 2."""
+    try:
+        return int(main(argv) or 0)
+    except KorcptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
