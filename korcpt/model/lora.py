@@ -1,0 +1,190 @@
+"""LoRA (rsLoRA) on the language model, plus the trainable embedding rows of ``lora.embeddings``.
+
+Embedding modes:
+    frozen      only LoRA trains.
+    new_tokens  only the rows of tokens added by vocabulary extension train. They live in a separate
+                parameter (:class:`NewTokenRows`) that the input embedding and, since Gemma ties them,
+                the output head both read, so original rows stay bit-identical and no [vocab, hidden]
+                gradient or optimizer state is ever allocated. PEFT's own ``trainable_token_indices``
+                gathers rows on a hard-coded CUDA device under ZeRO-3 and fails on CPU ZeRO-3; this
+                module works under every ZeRO stage (the head registers the shared parameter with
+                DeepSpeed as an external parameter).
+    full        the whole input embedding trains; Gemma's head is the same tensor, so it stays tied and
+                is saved once (PEFT ``modules_to_save`` on both would untie them).
+
+Saved adapters use PEFT's own format, so ``PeftModel.from_pretrained`` loads them: trained rows are
+written as PEFT trainable tokens (``trainable_token_indices``: the new ids, or every id in ``full``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from korcpt.config import LoraConfig
+from korcpt.model.load import is_multimodal
+
+_LANGUAGE_MODEL = re.compile(r"(^|\.)(language_model|model)(\.|$)")
+
+
+def language_model_linear_names(model: nn.Module) -> list[str]:
+    """Names of every linear projection of the language model (vision tower, projector and head excluded)."""
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+            continue
+        if "vision" in name or "multi_modal_projector" in name:
+            continue
+        names.append(name.rsplit(".", 1)[-1])
+    return sorted(set(names))
+
+
+def target_modules(model: nn.Module, lcfg: LoraConfig) -> list[str] | str:
+    """PEFT target_modules: explicit names, or every language-model linear for ``all-linear``."""
+    if lcfg.target_modules != "all-linear":
+        return list(lcfg.target_modules)
+    leaves = "|".join(language_model_linear_names(model))
+    if is_multimodal(model):
+        return rf".*language_model.*\.({leaves})"
+    return rf".*\.({leaves})"
+
+
+class NewTokenRows(nn.Module):
+    """Input embedding whose rows ``first .. first+n-1`` come from a separate trainable parameter.
+
+    Worked example: base vocabulary 262,144, 300 new tokens -> ``first = 262144``, ``rows`` is
+    [300, hidden]; an input id 262150 reads ``rows[6]`` (times Gemma's embedding scale), an id 17 reads
+    the frozen base row 17.
+    """
+
+    def __init__(self, base: nn.Embedding, first: int, count: int):
+        super().__init__()
+        self.base = base
+        self.first = first
+        self.count = count
+        self.rows = nn.Parameter(base.weight.detach()[first:first + count].clone().float().to(base.weight.dtype))
+
+    @property
+    def weight(self) -> torch.Tensor:  # what get_input_embeddings().weight callers expect
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        is_new = (input_ids >= self.first) & (input_ids < self.first + self.count)
+        rows = F.embedding((input_ids - self.first).clamp(0, self.count - 1), self.rows)
+        scale = getattr(self.base, "embed_scale", None)
+        if scale is not None:
+            rows = rows * scale.to(rows.dtype)
+        return torch.where(is_new.unsqueeze(-1), rows.to(out.dtype), out)
+
+
+class NewTokenHead(nn.Module):
+    """Output head that reads the new rows from :class:`NewTokenRows` (Gemma ties head and embedding)."""
+
+    def __init__(self, base: nn.Linear, rows_owner: NewTokenRows):
+        super().__init__()
+        self.base = base
+        self._owner = [rows_owner]  # a list keeps it out of this module's parameters and state dict
+        try:  # ZeRO-3 fetches a module's own parameters only; declare the shared one
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+            register_external_parameter(self, rows_owner.rows)
+        except Exception:  # noqa: BLE001 - DeepSpeed absent or not partitioned: nothing to declare
+            pass
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        owner = self._owner[0]
+        logits = self.base(hidden)
+        new = F.linear(hidden, owner.rows.to(hidden.dtype))
+        lo, hi = owner.first, owner.first + owner.count
+        return torch.cat([logits[..., :lo], new.to(logits.dtype), logits[..., hi:]], dim=-1)
+
+
+def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _module_name(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module not found in model")
+
+
+def apply_lora(model: nn.Module, lcfg: LoraConfig, new_token_ids: list[int], seed: int = 0):
+    """Wrap ``model`` with PEFT LoRA and make the configured embedding rows trainable.
+
+    Returns:
+        The PeftModel; every base weight is frozen except what ``lora.embeddings`` trains.
+    """
+    import peft
+
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, use_rslora=lcfg.use_rslora,
+        target_modules=target_modules(model, lcfg), bias="none",
+    )
+    peft_model = peft.get_peft_model(model, config)
+    inner = peft_model.get_base_model()
+    emb = inner.get_input_embeddings()
+    if lcfg.embeddings == "full":
+        emb.weight.requires_grad_(True)
+    elif lcfg.embeddings == "new_tokens" and new_token_ids:
+        first, count = min(new_token_ids), len(new_token_ids)
+        if sorted(new_token_ids) != list(range(first, first + count)):
+            raise ValueError("new token ids must be contiguous")
+        rows = NewTokenRows(emb, first, count)
+        _replace(inner, _module_name(inner, emb), rows)
+        head = inner.get_output_embeddings()
+        if head is not None and head.weight is emb.weight:
+            _replace(inner, _module_name(inner, head), NewTokenHead(head, rows))
+        elif head is not None:
+            raise NotImplementedError("new_tokens with an untied output head is not supported yet")
+    return peft_model
+
+
+def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable embedding parameters (new rows or the full tied embedding), for their own lr group."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, NewTokenRows):
+            out.append(module.rows)
+        elif isinstance(module, nn.Embedding) and module.weight.requires_grad:
+            out.append(module.weight)
+    return out
+
+
+def trained_rows(model: nn.Module, lcfg: LoraConfig, vocab_size: int) -> tuple[list[int], torch.Tensor | None]:
+    """The token ids whose embedding rows were trained and their current values (for saving)."""
+    for module in model.modules():
+        if isinstance(module, NewTokenRows):
+            return list(range(module.first, module.first + module.count)), module.rows.detach()
+    if lcfg.embeddings == "full":
+        weight = model.get_input_embeddings().weight.detach()
+        return list(range(vocab_size)), weight
+    return [], None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared parameters counted once; ZeRO-3 aware."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        trainable += n if p.requires_grad else 0
+    # NewTokenRows duplicates rows that already exist (frozen) in the base table: do not count them twice.
+    for module in model.modules():
+        if isinstance(module, NewTokenRows):
+            total -= getattr(module.rows, "ds_numel", module.rows.numel())
+    return trainable, total

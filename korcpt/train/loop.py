@@ -1,0 +1,433 @@
+"""The training loop: Accelerate (+ DeepSpeed ZeRO) over packed shards, LoRA plus embedding rows.
+
+Two clocks: a *micro-step* is one forward/backward of ``micro_batch_size`` sequences on each rank; an
+*optimizer step* is ``grad_accum`` micro-steps. The loss of an optimizer step is the mean over every
+target token of its micro-batches on every rank (token-weighted, not a mean of per-batch means): each
+micro-batch contributes ``sum(token NLL) / N`` where ``N`` counts the step's target tokens on all ranks.
+
+    train(cfg)
+      build_accelerator -> load model/tokenizer -> open shards -> LoRA -> optimizer/schedule -> prepare
+      resume (optional) -> baseline evaluation
+      for each optimizer step: train_step -> log -> maybe evaluate / early-stop -> maybe save
+      final evaluation -> save adapter, tokenizer, training_info.json
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from korcpt.config import RunConfig, config_json, save_config
+from korcpt.errors import TrainingError
+from korcpt.log import get_logger, progress
+from korcpt.model.load import is_multimodal, load_model_and_tokenizer
+from korcpt.model.lora import apply_lora, count_parameters, embedding_parameters
+from korcpt.train import checkpoint as ckpt
+from korcpt.train.metrics import Metrics, versions
+from korcpt.train.outputs import save_outputs
+
+log = get_logger(__name__)
+
+
+# ---------------------------------------------------------------- construction
+
+
+def build_accelerator(cfg: RunConfig):
+    """An Accelerator whose DeepSpeed settings that depend on the run come from the run config."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    kwargs = {}
+    if cfg.model.device == "cpu":
+        kwargs["cpu"] = True
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        project_config=ProjectConfiguration(project_dir=cfg.output.dir, automatic_checkpoint_naming=False),
+        **kwargs,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # one source of truth: batch, accumulation and clipping come from the run config
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+        ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = cfg.train.grad_clip
+    return accelerator
+
+
+def build_optimizer(model, cfg: RunConfig, total_steps: int):
+    """AdamW with its own learning rate for embedding rows; warmup then cosine decay to min_lr_ratio."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    emb = {id(p) for p in embedding_parameters(model)}
+    lora = [p for p in model.parameters() if p.requires_grad and id(p) not in emb]
+    groups = [{"params": lora, "lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay}]
+    if emb:
+        groups.append({"params": [p for p in model.parameters() if id(p) in emb],
+                       "lr": cfg.lora.embedding_lr or cfg.train.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8)
+    warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * total_steps)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup, num_training_steps=max(total_steps, 1), min_lr_rate=cfg.train.min_lr_ratio
+    )
+    return optimizer, scheduler
+
+
+def open_data(cfg: RunConfig, tokenizer, accelerator):
+    """Train and validation shard sets, checked against the run's tokenizer."""
+    from korcpt.shards.reader import open_shards
+    from korcpt.shards.writer import tokenizer_fingerprint
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    train_set = open_shards(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint,
+                            verify=cfg.data.verify_checksums)
+    val_set = None
+    if any(s["split"] == "val" for s in train_set.manifest["shards"]):
+        val_set = open_shards(cfg.data.shards, "val", tokenizer_fingerprint=fingerprint, verify=cfg.data.verify_checksums)
+    return train_set, val_set
+
+
+def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or whole steps over ``epochs`` epochs (a last partial
+    step is dropped). Worked example: 1,000 sequences, 2 ranks, micro-batch 2, accumulation 4 -> each
+    rank sees 500 per epoch = 250 micro-steps = 62 optimizer steps (62.5, the half step dropped)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_rank = sequences_per_epoch // world
+    micro_steps = math.ceil(per_rank / cfg.train.micro_batch_size)
+    return (micro_steps * cfg.train.epochs) // cfg.train.grad_accum
+
+
+# ---------------------------------------------------------------- data
+
+
+class MicroBatches:
+    """Endless micro-batches of this rank across epochs; ``state`` says where the stream stands."""
+
+    def __init__(self, stream, cfg: RunConfig, state: ckpt.TrainerState, world: int):
+        self.stream, self.cfg, self.state, self.world = stream, cfg, state, world
+
+    def __iter__(self) -> Iterator[dict]:
+        from torch.utils.data import DataLoader
+
+        while True:
+            self.stream.load_state_dict({"seed": self.cfg.train.seed, "epoch": self.state.epoch,
+                                         "consumed": self.state.consumed,
+                                         "num_sequences": self.stream.shards.num_sequences})
+            loader = DataLoader(self.stream, batch_size=self.cfg.train.micro_batch_size,
+                                num_workers=self.cfg.data.num_workers)
+            for batch in loader:
+                self.state.consumed += len(batch["sample_id"]) * self.world
+                yield batch
+            self.state.epoch += 1
+            self.state.consumed = 0
+
+
+def model_inputs(model, batch: dict, cfg: RunConfig, device) -> dict:
+    """Forward kwargs: ids, and per-document positions/masks when packing is document-masked;
+    ``token_type_ids`` (zeros: text) for Gemma3ForConditionalGeneration."""
+    ids = batch["input_ids"].to(device)
+    kwargs = {"input_ids": ids}
+    if cfg.data.document_mask:
+        from korcpt.model.packing import document_mask_kwargs
+
+        kwargs.update(document_mask_kwargs(model, batch["position_ids"].to(device)))
+    if is_multimodal(model):
+        kwargs["token_type_ids"] = torch.zeros_like(ids)
+    return kwargs
+
+
+def nll_sum(model, batch: dict, cfg: RunConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token NLL (float32) and number of target tokens of one micro-batch."""
+    labels = batch["labels"].to(device)
+    logits = model(**model_inputs(model, batch, cfg, device)).logits
+    # with train.loss_chunk_tokens the float32 copy of the logits is made one chunk at a time
+    chunk = cfg.train.loss_chunk_tokens or labels.numel()
+    return causal_lm_loss_from_logits(logits, labels, chunk)
+
+
+def causal_lm_loss_from_logits(logits, labels, chunk):
+    """Cross-entropy over logits in chunks of ``chunk`` tokens, upcasting one chunk at a time."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], chunk):
+        total = total + torch.nn.functional.cross_entropy(
+            flat[start:start + chunk].float(), flat_labels[start:start + chunk], ignore_index=-100, reduction="sum"
+        )
+    return total, (labels != -100).sum()
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def train_step(model, optimizer, scheduler, accelerator, batches: Iterator[dict], cfg: RunConfig,
+               state: ckpt.TrainerState, trainable: list) -> dict:
+    """Accumulate ``grad_accum`` micro-batches and take one optimizer step (or skip it if non-finite)."""
+    micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+    local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+    tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
+    # backward() divides by grad_accum and DDP/DeepSpeed average over ranks: undo both so the gradient
+    # is that of sum(NLL over the step's tokens on all ranks) / tokens.
+    scale = cfg.train.grad_accum * accelerator.num_processes / max(tokens, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    finite = True
+    for batch in micro:
+        with accelerator.accumulate(model):
+            nll, _ = nll_sum(model, batch, cfg, accelerator.device)
+            finite &= bool(torch.isfinite(nll))
+            accelerator.backward(nll * scale)
+            loss_sum += nll.detach().double()
+            state.micro_step += 1
+    loss_sum = accelerator.reduce(loss_sum, "sum")
+    grad_norm = None
+    if accelerator.sync_gradients and cfg.train.grad_clip:
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.grad_clip)
+    if grad_norm is None and accelerator.state.deepspeed_plugin is not None:
+        engine = model if hasattr(model, "get_global_grad_norm") else None
+        grad_norm = engine.get_global_grad_norm() if engine is not None else None
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "min").item())
+    finite = finite and math.isfinite(loss_sum.item()) and (math.isfinite(grad_norm) or accelerator.state.deepspeed_plugin is not None)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum.item() / max(tokens, 1), "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
+            "sample_ids": [int(i) for b in micro for i in b["sample_id"]]}
+
+
+# ---------------------------------------------------------------- evaluation hooks
+
+
+def evaluate(model, tokenizer, val_set, mcq, cfg: RunConfig, accelerator, with_mcq: bool) -> dict:
+    """Validation loss/perplexity (token-weighted over all ranks) and, if asked, KorMedMCQA accuracy."""
+    from korcpt.eval.perplexity import evaluate_perplexity
+    from korcpt.shards.reader import SequenceStream
+
+    result: dict = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if val_set is not None:
+            stream = SequenceStream(val_set, seed=0, rank=accelerator.process_index,
+                                    world_size=accelerator.num_processes, shuffle=False,
+                                    limit=cfg.eval.max_val_sequences)
+            stream.load_state_dict({"seed": 0, "epoch": 0, "consumed": 0, "num_sequences": val_set.num_sequences})
+            loader = torch.utils.data.DataLoader(stream, batch_size=cfg.eval.batch_size)
+            batches = ({**b, **model_inputs(model, b, cfg, accelerator.device),
+                        "labels": b["labels"].to(accelerator.device)} for b in loader)
+            ppl = evaluate_perplexity(model, batches, reduce=lambda t: accelerator.reduce(t, "sum"))
+            result.update(val_loss=ppl["loss"], val_ppl=ppl["ppl"], val_tokens=ppl["tokens"])
+        if with_mcq and mcq is not None:
+            from accelerate.utils import gather_object
+
+            from korcpt.eval.mcq import score_mcq
+
+            items, fewshot = mcq
+            scored = score_mcq(model, tokenizer, items, mode=cfg.eval.mcq_mode, fewshot=fewshot,
+                               shots=cfg.eval.mcq_shots, batch_size=cfg.eval.batch_size,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               gather=gather_object)
+            result.update(mcq_accuracy=scored["accuracy"], mcq_n=scored["n"])
+    if was_training:
+        model.train()
+    return result
+
+
+def load_mcq_for_run(cfg: RunConfig):
+    if not cfg.eval.mcq_file:
+        return None
+    from korcpt.eval.mcq import load_mcq
+
+    items, skipped = load_mcq(cfg.eval.mcq_file)
+    for message in skipped[:5]:
+        log.warning("MCQ item skipped: %s", message)
+    if cfg.eval.mcq_max_questions:
+        items = items[: cfg.eval.mcq_max_questions]
+    fewshot = load_mcq(cfg.eval.mcq_fewshot_file)[0] if cfg.eval.mcq_fewshot_file else None
+    return items, fewshot
+
+
+def early_stop_reason(state: ckpt.TrainerState, result: dict, cfg: RunConfig) -> str | None:
+    """Update the best validation loss and say why to stop, if it is time to."""
+    loss = result.get("val_loss")
+    if loss is None:
+        return None
+    if state.best_val_loss is None or loss < state.best_val_loss - cfg.eval.min_delta:
+        state.best_val_loss = loss if state.best_val_loss is None else min(loss, state.best_val_loss)
+        state.evals_without_improvement = 0
+    else:
+        state.best_val_loss = min(loss, state.best_val_loss)
+        state.evals_without_improvement += 1
+    if cfg.eval.target_ppl and result["val_ppl"] <= cfg.eval.target_ppl:
+        return f"target_ppl: validation perplexity {result['val_ppl']:.3f} <= {cfg.eval.target_ppl}"
+    if cfg.eval.patience and state.evals_without_improvement >= cfg.eval.patience:
+        return (f"early_stopping: validation loss did not improve by {cfg.eval.min_delta} "
+                f"for {cfg.eval.patience} evaluations")
+    return None
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(cfg: RunConfig, resume: str = "") -> dict:
+    """Run continued pretraining as ``cfg`` describes; returns the training_info record."""
+    from accelerate.utils import set_seed
+
+    from korcpt.shards.reader import SequenceStream
+
+    out_dir = Path(cfg.output.dir)
+    accelerator = build_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    model, tokenizer, new_ids = load_model_and_tokenizer(cfg.model, accelerator.device, cfg.train.seed)
+    train_set, val_set = open_data(cfg, tokenizer, accelerator)
+    model = apply_lora(model, cfg.lora, new_ids, seed=cfg.train.seed)
+    if cfg.model.gradient_checkpointing:
+        # non-reentrant: with reentrant checkpointing and no input requiring grad LoRA gets no gradient
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    trainable_n, total_n = count_parameters(model)
+    log.info("trainable parameters: %s / %s (%.2f%%)", f"{trainable_n:,}", f"{total_n:,}", 100 * trainable_n / total_n)
+
+    stream = SequenceStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, shuffle=True, limit=cfg.train.max_samples)
+    per_epoch = min(train_set.num_sequences, cfg.train.max_samples or train_set.num_sequences)
+    total_steps = plan_steps(cfg, per_epoch, accelerator.num_processes)
+    if total_steps < 1:
+        raise TrainingError(
+            f"no optimizer step fits: {per_epoch} training sequences over {accelerator.num_processes} process(es) "
+            f"with micro_batch_size {cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum}; "
+            "lower train.grad_accum or set train.max_steps"
+        )
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    state = ckpt.TrainerState()
+    ckpt_root = out_dir / "checkpoints"
+    start = ckpt.find_resume(ckpt_root, resume)
+    if start is not None:
+        state, _ = ckpt.load_checkpoint(accelerator, start)
+        log.info("resumed from %s at step %d (epoch %d, %d sequences consumed)", start, state.step, state.epoch, state.consumed)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    metrics = Metrics(out_dir / "tensorboard", accelerator.is_main_process)
+    metrics.text("config", f"```\n{config_json(cfg)}\n```")
+    mcq = load_mcq_for_run(cfg)
+    sample_log = _sample_log(out_dir, accelerator.process_index)
+
+    if start is None:
+        state.baseline = evaluate(model, tokenizer, val_set, mcq, cfg, accelerator, with_mcq=True)
+        _record_eval(state, metrics, 0, state.baseline)
+        early_stop_reason(state, state.baseline, cfg)
+    batches = iter(MicroBatches(stream, cfg, state, accelerator.num_processes))
+    stop_reason = "max_steps" if cfg.train.max_steps else "epochs"
+    bad_in_a_row = 0
+    bar = progress(total=total_steps, initial=state.step, desc="train", unit="step")
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        result = train_step(model, optimizer, scheduler, accelerator, batches, cfg, state, trainable)
+        dt = time.perf_counter() - t0
+        state.train_seconds += dt
+        if not result["finite"]:
+            bad_in_a_row += 1
+            state.bad_steps_total += 1
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", state.step + 1, bad_in_a_row)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                stop_reason = f"non_finite: {bad_in_a_row} consecutive optimizer steps with a non-finite loss or gradient"
+                break
+            continue
+        bad_in_a_row = 0
+        state.step += 1
+        state.tokens_seen += result["tokens"]
+        state.losses.append({"step": state.step, "loss": result["loss"]})
+        sample_log.write(f'{{"step": {state.step}, "ids": {result["sample_ids"]}}}\n')
+        sample_log.flush()
+        if state.step % cfg.train.log_steps == 0:
+            metrics.scalars(state.step, {
+                "train/loss": result["loss"], "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": result["grad_norm"], "train/tokens_per_sec": result["tokens"] / dt,
+                "train/tokens_seen": state.tokens_seen,
+            })
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{result['tokens'] / dt:.0f}")
+        last = state.step >= total_steps
+        reason = None
+        want_ppl = cfg.eval.steps and state.step % cfg.eval.steps == 0 and not last
+        want_mcq = cfg.eval.mcq_steps and state.step % cfg.eval.mcq_steps == 0 and not last
+        if want_ppl or want_mcq:
+            evaluated = evaluate(model, tokenizer, val_set if want_ppl else None, mcq, cfg, accelerator, with_mcq=bool(want_mcq))
+            _record_eval(state, metrics, state.step, evaluated)
+            reason = early_stop_reason(state, evaluated, cfg)
+        if cfg.train.save_steps and state.step % cfg.train.save_steps == 0 and not last:
+            ckpt.save_checkpoint(accelerator, ckpt_root, state, {"config": cfg.to_dict()}, cfg.train.keep_last)
+        if reason:
+            stop_reason = reason
+            break
+    bar.close()
+    sample_log.close()
+
+    final = evaluate(model, tokenizer, val_set, mcq, cfg, accelerator, with_mcq=True)
+    _record_eval(state, metrics, state.step, final)
+    if final.get("val_loss") is not None:
+        state.best_val_loss = min(final["val_loss"], state.best_val_loss or final["val_loss"])
+    ckpt.save_checkpoint(accelerator, ckpt_root, state, {"config": cfg.to_dict()}, cfg.train.keep_last)
+    info = _training_info(cfg, state, final, stop_reason, trainable_n, total_n)
+    save_outputs(accelerator, model, tokenizer, cfg, info, new_ids)
+    metrics.close()
+    accelerator.end_training()
+    return info
+
+
+def _sample_log(out_dir: Path, rank: int):
+    path = out_dir / "samples" / f"rank{rank:03d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", encoding="utf-8")
+
+
+def _record_eval(state: ckpt.TrainerState, metrics: Metrics, step: int, result: dict) -> None:
+    if not result:
+        return
+    entry = {"step": step, "val_loss": result.get("val_loss"), "val_ppl": result.get("val_ppl"),
+             "mcq_accuracy": result.get("mcq_accuracy")}
+    state.history.append(entry)
+    metrics.scalars(step, {"val/loss": entry["val_loss"], "val/ppl": entry["val_ppl"],
+                           "eval/kormedmcqa_acc": entry["mcq_accuracy"]})
+    log.info("eval at step %d: %s", step, {k: v for k, v in entry.items() if v is not None})
+
+
+def _training_info(cfg: RunConfig, state: ckpt.TrainerState, final: dict, stop_reason: str,
+                   trainable_n: int, total_n: int) -> dict:
+    base = state.baseline
+    best = state.best_val_loss
+    return {
+        "config": cfg.to_dict(),
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": round(state.train_seconds, 3),
+        "tokens_per_sec": state.tokens_seen / state.train_seconds if state.train_seconds else 0.0,
+        "trainable_params": trainable_n,
+        "total_params": total_n,
+        "trainable_percent": 100.0 * trainable_n / total_n,
+        "val_loss_baseline": base.get("val_loss"),
+        "val_loss_final": final.get("val_loss"),
+        "val_loss_best": best,
+        "val_ppl_baseline": base.get("val_ppl"),
+        "val_ppl_final": final.get("val_ppl"),
+        "val_ppl_best": math.exp(best) if best is not None else None,
+        "mcq_accuracy_baseline": base.get("mcq_accuracy"),
+        "mcq_accuracy_final": final.get("mcq_accuracy"),
+        "history": state.history,
+        "losses": state.losses,
+        "bad_steps": state.bad_steps_total,
+        "stop_reason": stop_reason,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "versions": versions(),
+    }

@@ -1,0 +1,93 @@
+"""The run's outputs in the spec's layout: adapter (PEFT format), tokenizer/, training_info.json.
+
+Under DeepSpeed ZeRO-3 every parameter is partitioned across ranks; saving without gathering is how
+public reports end up with empty or zero-shaped adapters. Only the trainable parameters are gathered
+(never the frozen base), one at a time, and rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from korcpt.config import RunConfig
+from korcpt.model.lora import trained_rows
+from korcpt.train.checkpoint import write_json
+
+
+def gathered_trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """name -> full CPU tensor of every trainable parameter (gathered from ZeRO-3 partitions)."""
+    unwrapped = accelerator.unwrap_model(model)
+    out = {}
+    for name, param in unwrapped.named_parameters():
+        if not param.requires_grad:
+            continue
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                out[name] = param.detach().cpu().clone()
+        else:
+            out[name] = param.detach().cpu().clone()
+    return out
+
+
+def _embedding_path(base_model) -> str:
+    emb = base_model.get_input_embeddings()
+    for name, module in base_model.named_modules():
+        if module is emb:
+            return name
+    raise RuntimeError("input embedding not found")
+
+
+def adapter_state(accelerator, model, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """PEFT adapter tensors (LoRA, plus trained embedding rows as PEFT trainable tokens) and those rows' ids."""
+    from peft import get_peft_model_state_dict
+
+    unwrapped = accelerator.unwrap_model(model)
+    full = gathered_trainable_state(accelerator, model)
+    lora = {k: v for k, v in full.items() if "lora_" in k}
+    state = get_peft_model_state_dict(unwrapped, state_dict=lora)
+    base = unwrapped.get_base_model()
+    vocab = base.get_input_embeddings().weight.shape[0] if not hasattr(base.get_input_embeddings().weight, "ds_shape") \
+        else base.get_input_embeddings().weight.ds_shape[0]
+    ids, rows = trained_rows(base, cfg.lora, vocab)
+    if ids:
+        row_name = next(n for n, p in unwrapped.named_parameters() if p.requires_grad and (
+            n.endswith(".rows") or n.endswith("embed_tokens.weight")))
+        rows = full[row_name]
+        path = _embedding_path(base)
+        state[f"base_model.model.{path}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
+    return state, ids
+
+
+def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
+    """Write adapter_model.safetensors and adapter_config.json loadable by PeftModel.from_pretrained."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    state, ids = adapter_state(accelerator, model, cfg)
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    config = copy.deepcopy(unwrapped.peft_config["default"])
+    if ids:
+        config.trainable_token_indices = {"embed_tokens": ids}
+    config.base_model_name_or_path = cfg.model.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(str(out_dir))
+
+
+def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict, new_ids: list[int]) -> None:
+    """Adapter, tokenizer/ and training_info.json into output.dir (all ranks call; rank 0 writes)."""
+    out_dir = Path(cfg.output.dir)
+    save_adapter(accelerator, model, cfg, out_dir)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+        info = {**info, "new_tokens": len(new_ids)}
+        write_json(out_dir / "training_info.json", info)
+    accelerator.wait_for_everyone()

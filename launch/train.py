@@ -1,0 +1,55 @@
+"""Entry point of a training run, for `accelerate launch` or plain `python`.
+
+    accelerate launch launch/train.py --config configs/27b_zero3.yaml
+    python launch/train.py --config configs/tiny_cpu.yaml --set train.max_steps=5
+    python launch/train.py --config configs/4b.yaml --model medgemma-4b --tokenizer-path DIR \
+        --max-samples 5000 --epochs 1 --device cuda:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from korcpt.cli import run_tool  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value, e.g. --set train.lr=1e-4 (repeatable; applied last)")
+    ap.add_argument("--model", help="shorthand for --set model.name=... (preset, directory, hub id or .gguf)")
+    ap.add_argument("--tokenizer-path", help="shorthand for --set model.tokenizer=... (e.g. an extended tokenizer)")
+    ap.add_argument("--max-samples", type=int, help="shorthand for --set train.max_samples=... (training sequences)")
+    ap.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=...")
+    ap.add_argument("--device", help="shorthand for --set model.device=... (cpu, cuda, cuda:0)")
+    ap.add_argument("--resume", default="", metavar="auto|PATH",
+                    help="continue from the newest complete checkpoint in output.dir (auto) or from PATH")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from korcpt.config import apply_seed_flags, load_config
+
+    overrides = apply_seed_flags(args.set, model=args.model, tokenizer_path=args.tokenizer_path,
+                                 max_samples=args.max_samples, epochs=args.epochs, device=args.device)
+    cfg = load_config(args.config, overrides)
+    if cfg.model.device.startswith("cuda:"):
+        import os
+
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", cfg.model.device.split(":", 1)[1])
+    from korcpt.train.loop import train
+
+    info = train(cfg, resume=args.resume)
+    print(f"done: {info['steps']} steps, {info['tokens_seen']:,} tokens, stop: {info['stop_reason']}; "
+          f"outputs in {cfg.output.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_tool(main))
