@@ -10,6 +10,7 @@ once, naming the key, the file and the fix, before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -251,8 +252,8 @@ def _build_section(section: str, cls: type, values: dict[str, Any], problems: li
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            close = [k for k in known if k.startswith(str(key)[:3])]
-            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            close = difflib.get_close_matches(str(key), sorted(known), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             problems.append(f"unknown key {section}.{key}{hint}")
             continue
         try:
@@ -291,6 +292,11 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise TypeError(f"expected an integer, found {type(value).__name__} {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise TypeError(f"expected a number, found str {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"expected a number, found {type(value).__name__} {value!r}")
         if not math.isfinite(value):
