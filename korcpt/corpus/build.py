@@ -1,0 +1,457 @@
+"""The corpus stage: raw sources -> ``raw_text_mixed.jsonl`` + ``report.json``.
+
+How it runs, and why memory stays flat in the size of the Korean input:
+
+1. Each source is streamed record by record (:mod:`korcpt.corpus.readers`) and converted
+   (:mod:`~korcpt.corpus.wiki`, :mod:`~korcpt.corpus.medical`); Korean records are cleaned in a
+   process pool when the input is large, a bounded window of batches in flight, results in input
+   order (so the output does not depend on the number of workers).
+2. Every kept document is written once, already as its final JSON line, to a spool file beside
+   the output; memory holds only its offset and length (16 bytes) and a 16-byte hash for the
+   duplicate check. A medical document is spooled once and indexed ``medical_multiplier`` times.
+3. The index is permuted with ``numpy.random.default_rng(seed)``; ``max_samples`` keeps the first N
+   of that permutation (a uniform random subset, so the source mix is kept in expectation). The
+   lines are copied from the spool in that order; the output appears under its name only when
+   complete, and ``report.json`` is written last.
+
+Same inputs and seed give a byte-identical ``raw_text_mixed.jsonl``. Each line is
+``{"text": ..., "source": "korean|mcq|medical_dict|char_dict"}``; the shard stage may split
+train/validation by a hash of ``text``, which puts identical medical copies on the same side.
+
+Held-out questions (``exclude_mcq``) are matched after collapsing whitespace: an MCQ record is
+excluded when its question equals a held-out question; a document of any other source when it
+contains a held-out question of at least :data:`MIN_EXCLUDE_CHARS` characters (a shorter question,
+like "다음 중 옳은 것은?", would match innocent text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import multiprocessing
+import os
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from korcpt.corpus.medical import RecordError, char_dict_text, medical_dict_text, mcq_text, parse_mcq
+from korcpt.corpus.readers import REJECT_REASONS, Record, Rejected, expand_inputs, input_bytes, iter_records
+from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, collapse_spaces, drop_reason, normalize_text
+from korcpt.corpus.wiki import clean_wiki, is_redirect
+from korcpt.errors import DataError
+from korcpt.log import get_logger, progress
+
+SOURCES = ("korean", "mcq", "medical_dict", "char_dict")
+MEDICAL_SOURCES = ("mcq", "medical_dict", "char_dict")
+OUTPUT_NAME = "raw_text_mixed.jsonl"
+REPORT_NAME = "report.json"
+MAX_LISTED_REJECTS = 20
+MIN_EXCLUDE_CHARS = 20
+_BATCH = 64  # Korean records per task sent to a worker
+
+log = get_logger(__name__)
+
+
+@dataclass
+class CorpusOptions:
+    """Inputs and settings of the corpus stage (the ``corpus`` flags of ``tools/build_shards.py``)."""
+
+    korean: list[Path] = field(default_factory=list)
+    """Korean text inputs: JSON array, JSONL, .txt, directories of those, save_to_disk datasets."""
+    mcq: Path | None = None
+    """KorMedMCQA training JSONL."""
+    medical_dict: Path | None = None
+    """Medical dictionary: JSON list or JSONL of {term, definition}."""
+    char_dict: Path | None = None
+    """Medical symbol dictionary: JSON list of {term, definition}."""
+    exclude_mcq: list[Path] = field(default_factory=list)
+    """KorMedMCQA files held out for evaluation; their questions are removed from every source."""
+    medical_multiplier: int = 5
+    """Copies of each kept medical document in the mix."""
+    seed: int = 42
+    """Seed of the shuffle."""
+    max_samples: int = 0
+    """Cap on mixed documents (0: all); the first N of the seeded shuffle are kept."""
+    min_chars: int = 100
+    """Korean documents shorter than this after cleaning are dropped."""
+    min_hangul_ratio: float = 0.10
+    """Korean documents with a smaller share of Hangul among non-space characters are dropped."""
+    strict: bool = False
+    """Stop at the first rejected record, naming file and line."""
+    workers: int = 0
+    """Processes that clean Korean text (0: all cores; 1: in this process)."""
+    parallel_min_bytes: int = 8 << 20
+    """Korean inputs smaller than this are cleaned in this process (a pool costs more than it saves)."""
+    progress: bool = True
+    """Show a progress bar while cleaning Korean text."""
+
+
+def validate_options(opts: CorpusOptions) -> None:
+    """Check every option at once.
+
+    Raises:
+        DataError: no input at all, or impossible numbers; every problem in one message.
+    """
+    problems = []
+    if not (opts.korean or opts.mcq or opts.medical_dict or opts.char_dict):
+        problems.append("no input: give at least one of korean, mcq, medical_dict, char_dict")
+    if opts.medical_multiplier < 1:
+        problems.append(f"medical_multiplier must be >= 1, found {opts.medical_multiplier}")
+    if opts.max_samples < 0:
+        problems.append(f"max_samples must be >= 0 (0: all), found {opts.max_samples}")
+    if opts.min_chars < 0:
+        problems.append(f"min_chars must be >= 0, found {opts.min_chars}")
+    if not 0.0 <= opts.min_hangul_ratio <= 1.0:
+        problems.append(f"min_hangul_ratio must be in [0, 1], found {opts.min_hangul_ratio}")
+    if opts.workers < 0:
+        problems.append(f"workers must be >= 0 (0: all cores), found {opts.workers}")
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------- held-out questions
+
+
+class ExcludeSet:
+    """Held-out KorMedMCQA questions and the two ways a document can match them (module docstring)."""
+
+    def __init__(self, questions: Iterable[str]):
+        self.questions = frozenset(q for q in (collapse_spaces(q) for q in questions) if q)
+        # Every long question is found through its first MIN_EXCLUDE_CHARS characters: one set
+        # lookup per position of the document instead of one substring search per question.
+        self._by_prefix: dict[str, list[str]] = {}
+        for q in sorted(self.questions):
+            if len(q) >= MIN_EXCLUDE_CHARS:
+                self._by_prefix.setdefault(q[:MIN_EXCLUDE_CHARS], []).append(q)
+        self._first_chars = frozenset(p[0] for p in self._by_prefix)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def matches_question(self, question: str) -> bool:
+        """True when ``question`` is a held-out question (whitespace-insensitive)."""
+        return collapse_spaces(question) in self.questions
+
+    def matches_text(self, text: str) -> bool:
+        """True when ``text`` contains a held-out question of at least MIN_EXCLUDE_CHARS characters."""
+        if not self._by_prefix:
+            return False
+        flat = collapse_spaces(text)
+        n = MIN_EXCLUDE_CHARS
+        for i, ch in enumerate(flat):
+            if ch in self._first_chars:
+                candidates = self._by_prefix.get(flat[i:i + n])
+                if candidates and any(flat.startswith(q, i) for q in candidates):
+                    return True
+        return False
+
+
+def load_exclusions(paths: list[Path]) -> ExcludeSet:
+    """The questions of the held-out KorMedMCQA files.
+
+    A held-out line without a readable question is an error, not a skip: skipping it could let
+    that question leak into training text.
+
+    Raises:
+        DataError: a file is missing or empty, or a line has no decodable ``question``.
+    """
+    questions: list[str] = []
+    for path in paths:
+        for rec in iter_records(Path(path)):
+            if isinstance(rec, Rejected):
+                raise DataError(f"{rec.where}: held-out MCQ line unreadable ({rec.reason}: {rec.detail})")
+            q = rec.value.get("question") if isinstance(rec.value, dict) else None
+            if not isinstance(q, str) or not q.strip():
+                raise DataError(f"{rec.where}: held-out MCQ line has no 'question'")
+            questions.append(q)
+    return ExcludeSet(questions)
+
+
+# --------------------------------------------------------------------------- per-record outcomes
+
+# A converter's outcome for one record: ("kept", where, text) | ("dropped", where, reason) |
+# ("rejected", where, reason, detail). Tuples, so that they travel cheaply between processes.
+Outcome = tuple
+
+
+def _korean_outcome(rec: Record, min_chars: int, min_hangul_ratio: float, exclude: ExcludeSet | None) -> Outcome:
+    if rec.is_text:
+        text = normalize_text(rec.value)
+    else:
+        raw = rec.value.get("text") if isinstance(rec.value, dict) else None
+        if not isinstance(raw, str):
+            return ("rejected", rec.where, "missing_field", "missing or non-string field 'text'")
+        if is_redirect(raw):
+            return ("dropped", rec.where, REDIRECT)
+        text = clean_wiki(raw)
+    reason = drop_reason(text, min_chars, min_hangul_ratio)
+    if reason is None and exclude is not None and exclude.matches_text(text):
+        reason = EXCLUDED
+    return ("dropped", rec.where, reason) if reason else ("kept", rec.where, text)
+
+
+_worker_args: tuple = ()
+
+
+def _init_worker(args: tuple) -> None:
+    global _worker_args
+    _worker_args = args
+
+
+def _korean_batch(batch: list[Record]) -> list[Outcome]:
+    return [_korean_outcome(rec, *_worker_args) for rec in batch]
+
+
+def _medical_outcome(source: str, rec: Record, exclude: ExcludeSet | None) -> Outcome:
+    try:
+        if source == "mcq":
+            item = parse_mcq(rec.value)
+            if exclude is not None and exclude.matches_question(item.question):
+                return ("dropped", rec.where, EXCLUDED)
+            text = mcq_text(item)
+        else:
+            text = (medical_dict_text if source == "medical_dict" else char_dict_text)(rec.value)
+    except RecordError as exc:
+        return ("rejected", rec.where, exc.reason, str(exc))
+    if exclude is not None and source != "mcq" and exclude.matches_text(text):
+        return ("dropped", rec.where, EXCLUDED)
+    return ("kept", rec.where, text)
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _ordered_parallel(fn: Callable, batches: Iterable[list], workers: int, initargs: tuple) -> Iterator[Outcome]:
+    """``fn`` over batches in a pool, results in input order, at most 4 batches per worker in flight."""
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(initargs,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class SourceCounts:
+    """What happened to the records of one source; ``read == kept + dropped + rejected`` always."""
+
+    files: list[str] = field(default_factory=list)
+    read: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {r: 0 for r in DROP_REASONS})
+    rejected: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REJECT_REASONS})
+    rejects: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files, "read": self.read, "kept": self.kept,
+            "dropped": sum(self.dropped.values()), "dropped_by_reason": self.dropped,
+            "rejected": sum(self.rejected.values()), "rejected_by_reason": self.rejected,
+            "rejects": self.rejects, "rejects_listed": f"first {MAX_LISTED_REJECTS}",
+        }
+
+
+class _Spool:
+    """Kept documents as final JSON lines in one file, with (offset, length, source) in memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.offsets = array("q")
+        self.lengths = array("q")
+        self.sources = array("b")
+        self.copies = array("q")
+        self.pos = 0
+
+    def add(self, text: str, source: str, copies: int) -> None:
+        line = (json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n").encode("utf-8")
+        self.file.write(line)
+        self.offsets.append(self.pos)
+        self.lengths.append(len(line))
+        self.sources.append(SOURCES.index(source))
+        self.copies.append(copies)
+        self.pos += len(line)
+
+
+def _consume(source: str, outcomes: Iterable[Outcome], counts: SourceCounts, spool: _Spool,
+             copies: int, strict: bool, bar=None) -> None:
+    seen: set[bytes] = set()
+    for outcome in outcomes:
+        counts.read += 1
+        if bar is not None:
+            bar.update(1)
+        kind, where = outcome[0], outcome[1]
+        if kind == "rejected":
+            reason, detail = outcome[2], outcome[3]
+            if strict:
+                raise DataError(f"{where}: {reason.replace('_', ' ')}: {detail}")
+            counts.rejected[reason] += 1
+            if len(counts.rejects) < MAX_LISTED_REJECTS:
+                counts.rejects.append({"where": where, "reason": reason, "detail": detail})
+        elif kind == "dropped":
+            counts.dropped[outcome[2]] += 1
+        else:
+            text = outcome[2]
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                counts.dropped[DUPLICATE] += 1
+                continue
+            seen.add(digest)
+            counts.kept += 1
+            spool.add(text, source, copies)
+
+
+def _records(paths: list[Path]) -> Iterator[Record | Rejected]:
+    for path in paths:
+        for rec in iter_records(path):
+            yield rec
+
+
+def _rejected_outcome(rec: Rejected) -> Outcome:
+    return ("rejected", rec.where, rec.reason, rec.detail)
+
+
+def _korean_outcomes(paths: list[Path], opts: CorpusOptions, exclude: ExcludeSet | None) -> Iterator[Outcome]:
+    args = (opts.min_chars, opts.min_hangul_ratio, exclude)
+    workers = opts.workers or os.cpu_count() or 1
+    if workers > 1 and input_bytes(paths) >= opts.parallel_min_bytes:
+        log.info("cleaning Korean text with %d worker processes", workers)
+        # Rejected records pass through the pool untouched, so that order is kept.
+        batches = _batched(_records(paths), _BATCH)
+        yield from _ordered_parallel(_korean_or_rejected_batch, batches, workers, args)
+    else:
+        _init_worker(args)
+        for rec in _records(paths):
+            yield _rejected_outcome(rec) if isinstance(rec, Rejected) else _korean_outcome(rec, *args)
+
+
+def _korean_or_rejected_batch(batch: list[Record | Rejected]) -> list[Outcome]:
+    return [_rejected_outcome(r) if isinstance(r, Rejected) else _korean_outcome(r, *_worker_args) for r in batch]
+
+
+def distribution(base: dict[str, int], final: dict[str, int], multiplier: int) -> list[dict[str, Any]]:
+    """The spec's distribution table: per source base, multiplier, final count and share of the mix.
+
+    Args:
+        base: kept documents per source (before multiplication).
+        final: lines per source in the written output (after multiplication and the cap).
+        multiplier: the medical multiplier.
+
+    Returns:
+        One row per source and a ``total`` row; ``ratio`` is the share of the output's lines.
+    """
+    total = sum(final.values())
+    rows = []
+    for source in SOURCES:
+        mult = multiplier if source in MEDICAL_SOURCES else 1
+        rows.append({"source": source, "base": base[source], "multiplier": mult,
+                     "multiplied": base[source] * mult, "final": final[source],
+                     "ratio": round(final[source] / total, 4) if total else 0.0})
+    rows.append({"source": "total", "base": sum(base.values()), "multiplier": None,
+                 "multiplied": sum(r["multiplied"] for r in rows), "final": total, "ratio": 1.0 if total else 0.0})
+    return rows
+
+
+def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
+    """Read, clean, convert, filter, multiply and shuffle the raw sources into one corpus.
+
+    Args:
+        opts: inputs and settings.
+        out_dir: where ``raw_text_mixed.jsonl`` and ``report.json`` are written (created if needed).
+
+    Returns:
+        The report, as written to ``report.json``.
+
+    Raises:
+        DataError: a missing or empty input, a directory with nothing readable, a broken JSON
+            array, a bad held-out file, impossible options, no document left, or (``strict``) the
+            first rejected record, named by file and line.
+    """
+    validate_options(opts)
+    # Resolve every input before any work, so that a typo in the last path fails at once.
+    inputs: dict[str, list[Path]] = {
+        "korean": expand_inputs(list(opts.korean)) if opts.korean else [],
+        "mcq": expand_inputs([opts.mcq]) if opts.mcq else [],
+        "medical_dict": expand_inputs([opts.medical_dict]) if opts.medical_dict else [],
+        "char_dict": expand_inputs([opts.char_dict]) if opts.char_dict else [],
+    }
+    exclude = load_exclusions(list(opts.exclude_mcq)) if opts.exclude_mcq else None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {s: SourceCounts(files=[str(p) for p in inputs[s]]) for s in SOURCES}
+    spool = _Spool(out_dir / f".{OUTPUT_NAME}.spool")
+    try:
+        with spool.file:
+            for source in MEDICAL_SOURCES:
+                if inputs[source]:
+                    outcomes = (_rejected_outcome(r) if isinstance(r, Rejected) else _medical_outcome(source, r, exclude)
+                                for r in _records(inputs[source]))
+                    _consume(source, outcomes, counts[source], spool, opts.medical_multiplier, opts.strict)
+            if inputs["korean"]:
+                with progress(desc="korean", unit="doc", disable=not opts.progress) as bar:
+                    _consume("korean", _korean_outcomes(inputs["korean"], opts, exclude), counts["korean"],
+                             spool, 1, opts.strict, bar)
+        lines, final = _write_mixed(spool, out_dir / OUTPUT_NAME, opts)
+    finally:
+        spool.path.unlink(missing_ok=True)
+    base = {s: counts[s].kept for s in SOURCES}
+    report = {
+        "output": {"path": str(out_dir / OUTPUT_NAME), "lines": lines},
+        "options": {"medical_multiplier": opts.medical_multiplier, "seed": opts.seed, "max_samples": opts.max_samples,
+                    "min_chars": opts.min_chars, "min_hangul_ratio": opts.min_hangul_ratio, "strict": opts.strict,
+                    "exclude_mcq": [str(p) for p in opts.exclude_mcq],
+                    "excluded_questions": len(exclude) if exclude is not None else 0},
+        "sources": {s: counts[s].as_dict() for s in SOURCES},
+        "distribution": distribution(base, final, opts.medical_multiplier),
+    }
+    for s in SOURCES:
+        c = report["sources"][s]
+        assert c["read"] == c["kept"] + c["dropped"] + c["rejected"], (s, c)
+    tmp = out_dir / f".{REPORT_NAME}.tmp"
+    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / REPORT_NAME)
+    log.info("corpus: %d lines (%s)", lines, ", ".join(f"{r['source']} {r['final']}" for r in report["distribution"][:-1]))
+    return report
+
+
+def _write_mixed(spool: _Spool, out_path: Path, opts: CorpusOptions) -> tuple[int, dict[str, int]]:
+    copies = np.frombuffer(spool.copies, dtype=np.int64) if len(spool.copies) else np.zeros(0, np.int64)
+    if copies.size == 0:
+        raise DataError("no document survived cleaning and filtering: see the drop counts in the inputs "
+                        "(too short? set min_chars lower) or pass more input")
+    # Document k of the spool appears copies[k] times; index[j] says which document line j copies.
+    index = np.repeat(np.arange(copies.size, dtype=np.int64), copies)
+    order = index[np.random.default_rng(opts.seed).permutation(index.size)]
+    if opts.max_samples:
+        order = order[: opts.max_samples]
+    offsets = np.frombuffer(spool.offsets, dtype=np.int64)
+    lengths = np.frombuffer(spool.lengths, dtype=np.int64)
+    sources = np.frombuffer(spool.sources, dtype=np.int8)
+    per_source = np.bincount(sources[order], minlength=len(SOURCES))
+    final = {s: int(per_source[i]) for i, s in enumerate(SOURCES)}
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with open(spool.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(tmp, "wb") as out:
+        for k in order.tolist():
+            start = int(offsets[k])
+            out.write(mm[start:start + int(lengths[k])])
+    os.replace(tmp, out_path)
+    return int(order.size), final
