@@ -81,7 +81,7 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
 def open_data(cfg: RunConfig, tokenizer, accelerator):
     """Train and validation shard sets, checked against the run's tokenizer."""
     from korcpt.shards.reader import open_shards
-    from korcpt.shards.writer import tokenizer_fingerprint
+    from korcpt.shards.format import tokenizer_fingerprint
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     train_set = open_shards(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint,
@@ -296,7 +296,8 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     log.info("trainable parameters: %s / %s (%.2f%%)", f"{trainable_n:,}", f"{total_n:,}", 100 * trainable_n / total_n)
 
     stream = SequenceStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, shuffle=True, limit=cfg.train.max_samples)
+                            world_size=accelerator.num_processes, shuffle=True, limit=cfg.train.max_samples,
+                            batch_size=cfg.train.micro_batch_size)
     per_epoch = min(train_set.num_sequences, cfg.train.max_samples or train_set.num_sequences)
     total_steps = plan_steps(cfg, per_epoch, accelerator.num_processes)
     if total_steps < 1:

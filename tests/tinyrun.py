@@ -1,0 +1,66 @@
+"""Shared helpers for tests that train: a synthetic Korean corpus, a tiny tokenizer and shards built
+from it with the real tools, and a run config pointing at them."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+_SUBJECTS = ["당뇨병", "고혈압", "천식", "폐렴", "빈혈", "위염", "간염", "골다공증", "편두통", "통풍"]
+_PREDICATES = [
+    "혈당 조절 장애로 인한 대사 질환이다", "혈압이 정상 범위보다 높은 상태이다", "기도가 좁아지는 만성 염증 질환이다",
+    "폐에 생기는 염증이다", "혈액의 산소 운반 능력이 떨어진 상태이다", "위 점막에 생긴 염증이다",
+    "간세포에 염증이 생긴 상태이다", "뼈의 밀도가 낮아져 쉽게 부러지는 질환이다", "반복되는 심한 두통이다",
+    "요산이 관절에 쌓여 생기는 관절염이다",
+]
+
+
+def synthetic_corpus(path: Path, n_docs: int = 240, seed: int = 0) -> Path:
+    """Deterministic Korean medical sentences as a {"text", "source"} JSONL corpus."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n_docs):
+            k = rng.randrange(len(_SUBJECTS))
+            sentences = [f"{_SUBJECTS[k]}은 {_PREDICATES[k]}." for _ in range(rng.randint(2, 6))]
+            sentences.append(f"문서 번호 {i}번은 {_SUBJECTS[(k + 1) % len(_SUBJECTS)]}에 대한 설명이다.")
+            source = "korean" if i % 3 else "medical_dict"
+            fh.write(json.dumps({"text": " ".join(sentences), "source": source}, ensure_ascii=False) + "\n")
+    return path
+
+
+def build_tiny_data(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
+    """(tokenizer_dir, shard_dir) built in ``root`` with korcpt's own tokenizer trainer and shard writer."""
+    from korcpt.shards.writer import ShardOptions, write_shards
+    from korcpt.vocab.tiny import train_tiny_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = synthetic_corpus(root / "corpus.jsonl")
+    tok_dir = train_tiny_tokenizer([corpus], root / "tokenizer", vocab_size=512)
+    shards = root / "shards"
+    write_shards(corpus, shards, ShardOptions(tokenizer=str(tok_dir), seq_len=seq_len, val_fraction=0.1,
+                                              shard_tokens=4096, seed=1, workers=1))
+    return tok_dir, shards
+
+
+def run_config(path: Path, tok_dir: Path, shards: Path, out: Path, **sections) -> Path:
+    """Write a tiny run config (random tiny Gemma 3) with section overrides; returns its path."""
+    cfg = {
+        "data": {"shards": str(shards)},
+        "model": {"name": str(ROOT / "configs/models/tiny_gemma3.json"), "tokenizer": str(tok_dir),
+                  "random_init": True, "dtype": "float32", "attn_implementation": "eager"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "embeddings": "frozen"},
+        "train": {"lr": 0.005, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "warmup_steps": 1,
+                  "seed": 3, "grad_clip": 1.0},
+        "eval": {"steps": 3, "max_val_sequences": 8, "batch_size": 4},
+        "output": {"dir": str(out)},
+    }
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path
