@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from korcpt.corpus.text import drop_reason, hangul_ratio, normalize_text
 from korcpt.corpus.wiki import clean_wiki, is_redirect
@@ -102,3 +104,11 @@ def test_real_plain_text_only_normalised():
         assert drop_reason(text, 100, 0.1) is None
         checked += 1
     assert checked == 11
+
+
+@given(st.text(alphabet=st.sampled_from("가힣ㄱㅣ\u1100\u11ffa1 \n\t\u3000\u2003\xa0\U0001f600!·"), max_size=60) | st.text(max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_hangul_ratio_matches_a_plain_loop(text):
+    hangul = sum("\uac00" <= c <= "\ud7a3" or "\u3131" <= c <= "\u318e" or "\u1100" <= c <= "\u11ff" for c in text)
+    non_space = sum(not c.isspace() for c in text)
+    assert hangul_ratio(text) == (hangul / non_space if non_space else 0.0)

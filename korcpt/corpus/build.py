@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import multiprocessing
 import os
 from array import array
@@ -449,9 +448,10 @@ def _write_mixed(spool: _Spool, out_path: Path, opts: CorpusOptions) -> tuple[in
     per_source = np.bincount(sources[order], minlength=len(SOURCES))
     final = {s: int(per_source[i]) for i, s in enumerate(SOURCES)}
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with open(spool.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, open(tmp, "wb") as out:
+    # pread, not mmap: mapped pages of the spool would count in this process's RSS
+    with open(spool.path, "rb") as f, open(tmp, "wb") as out:
+        fd = f.fileno()
         for k in order.tolist():
-            start = int(offsets[k])
-            out.write(mm[start:start + int(lengths[k])])
+            out.write(os.pread(fd, int(lengths[k]), int(offsets[k])))
     os.replace(tmp, out_path)
     return int(order.size), final
