@@ -185,15 +185,13 @@ def train_step(model, optimizer, scheduler, accelerator, batches: Iterator[dict]
             loss_sum += nll.detach().double()
             state.micro_step += 1
     loss_sum = accelerator.reduce(loss_sum, "sum")
-    grad_norm = None
-    if accelerator.sync_gradients and cfg.train.grad_clip:
-        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.grad_clip)
-    if grad_norm is None and accelerator.state.deepspeed_plugin is not None:
-        engine = model if hasattr(model, "get_global_grad_norm") else None
-        grad_norm = engine.get_global_grad_norm() if engine is not None else None
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    # the norm is computed even without clipping (max_norm inf): a non-finite gradient skips the step
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.grad_clip or float("inf"))
+    if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips inside its engine
+        grad_norm = model.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
     finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "min").item())
-    finite = finite and math.isfinite(loss_sum.item()) and (math.isfinite(grad_norm) or accelerator.state.deepspeed_plugin is not None)
+    finite = finite and math.isfinite(loss_sum.item()) and (grad_norm is None or math.isfinite(grad_norm))
     if finite:
         optimizer.step()
         scheduler.step()
