@@ -369,18 +369,19 @@ def tokens_per_100_syllables(tokenizer, lines: list[str]) -> float:
     return 100.0 * count_tokens(tokenizer, lines) / max(syllables, 1)
 
 
-def throughput(tokenizer, lines: list[str], repeats: int = 5) -> float:
-    """Characters per second of ``encode_batch`` over ``lines``: the best of ``repeats`` passes (the
-    least disturbed by other processes on a shared machine)."""
-    backend = tokenizer.backend_tokenizer
+def throughputs(tokenizers: list, lines: list[str], repeats: int = 5) -> list[float]:
+    """Characters per second of ``encode_batch`` over ``lines`` for each tokenizer: passes interleaved
+    and the best of ``repeats`` kept, so that load from other processes hits all of them alike."""
     chars = sum(len(line) for line in lines)
-    backend.encode_batch(lines[:64], add_special_tokens=False)  # warm-up
-    best = float("inf")
+    best = [float("inf")] * len(tokenizers)
+    for tok in tokenizers:
+        tok.backend_tokenizer.encode_batch(lines[:64], add_special_tokens=False)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        backend.encode_batch(lines, add_special_tokens=False)
-        best = min(best, time.perf_counter() - start)
-    return chars / best
+        for i, tok in enumerate(tokenizers):
+            start = time.perf_counter()
+            tok.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [chars / t for t in best]
 
 
 def round_trip_failures(tokenizer, lines: list[str]) -> list[str]:
@@ -388,3 +389,108 @@ def round_trip_failures(tokenizer, lines: list[str]) -> list[str]:
     encs = tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
     decoded = tokenizer.backend_tokenizer.decode_batch([e.ids for e in encs], skip_special_tokens=True)
     return [line for line, back in zip(lines, decoded) if back != line]
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file, line endings removed (a ``\\r`` of CRLF files is kept)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return [line.rstrip("\n") for line in fh if line.strip()]
+
+
+def compare(base_tokenizer, new_tokenizer, named_lines: dict[str, list[str]], repeats: int = 5) -> dict:
+    """Before/after figures per named text: tokens per 100 Hangul syllables, chars/s, round trip."""
+    out = {}
+    for name, lines in named_lines.items():
+        before = tokens_per_100_syllables(base_tokenizer, lines)
+        after = tokens_per_100_syllables(new_tokenizer, lines)
+        tput_before, tput_after = throughputs([base_tokenizer, new_tokenizer], lines, repeats)
+        out[name] = {
+            "lines": len(lines),
+            "hangul_syllables": sum(hangul_syllables(line) for line in lines),
+            "tokens_per_100_syllables_before": round(before, 2),
+            "tokens_per_100_syllables_after": round(after, 2),
+            "token_change_pct": round(100.0 * (after - before) / before, 2) if before else 0.0,
+            "chars_per_s_before": round(tput_before),
+            "chars_per_s_after": round(tput_after),
+            "throughput_ratio": round(tput_after / tput_before, 3),
+            "round_trip_failures": len(round_trip_failures(new_tokenizer, lines)),
+        }
+    return out
+
+
+def new_token_share(tokenizer, base_vocab_size: int, lines: list[str]) -> float:
+    """Share of the tokens of ``lines`` whose id is a new one (>= ``base_vocab_size``)."""
+    encs = tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    total = sum(len(e.ids) for e in encs)
+    return sum(1 for e in encs for i in e.ids if i >= base_vocab_size) / max(total, 1)
+
+
+def extend_tokenizer(
+    base: str,
+    corpus: Path | None,
+    out_dir: Path,
+    max_new_tokens: int,
+    terms: Iterable[Path] = (),
+    min_frequency: int = 2,
+    add_syllables: bool = True,
+    max_corpus_chars: int = 0,
+    eval_files: Iterable[Path] = (),
+) -> dict:
+    """Learn Korean tokens for the tokenizer ``base``, save the extended tokenizer and ``report.json``.
+
+    Args:
+        base: tokenizer directory, hub id or preset name (see :mod:`korcpt.model.presets`).
+        corpus: ``raw_text_mixed.jsonl`` (``{"text"}`` lines), or None to learn from ``terms`` alone.
+        out_dir: output directory (created); loadable with ``AutoTokenizer.from_pretrained``.
+        max_new_tokens: cap on new vocabulary entries.
+        terms: term files, one term a line, learned from as more corpus lines.
+        min_frequency: a new token must save at least this many tokens on the training text.
+        add_syllables: also add Hangul syllables missing from the base vocabulary.
+        max_corpus_chars: read at most this many corpus characters (0: all).
+        eval_files: text files measured before/after (tokens per 100 syllables, chars/s, round trip).
+
+    Returns:
+        The report (also written to ``out_dir/report.json``).
+    """
+    from korcpt.model.presets import load_tokenizer
+
+    if max_new_tokens < 1:
+        raise ModelError(f"--max-new-tokens is {max_new_tokens}, expected at least 1")
+    terms, eval_files = list(terms), list(eval_files)
+    if corpus is None and not terms:
+        raise DataError("nothing to learn from: give a corpus, term files, or both")
+    base_tok = load_tokenizer(base)
+    if not base_tok.is_fast:
+        raise ModelError(f"tokenizer {base!r} is not a fast (tokenizers) tokenizer; expected a tokenizer.json")
+    start = time.perf_counter()
+    ext = learn_extension(
+        base_tok, read_texts(corpus, terms, max_corpus_chars), max_new_tokens, min_frequency, add_syllables
+    )
+    learn_s = time.perf_counter() - start
+    if not ext.new_tokens:
+        raise DataError(f"no token saves {min_frequency} or more tokens on the given text: nothing to add")
+    new_tok = build_extended_tokenizer(base_tok, ext, out_dir)
+    base_size = len(base_tok)
+    log.info("learned %d new tokens in %.1f s; corpus tokens %d -> %d", len(ext.new_tokens), learn_s,
+             ext.corpus_tokens_before, ext.corpus_tokens_after)
+    report = {
+        "base": base,
+        "corpus": str(corpus) if corpus else None,
+        "terms": [str(p) for p in terms],
+        "max_new_tokens": max_new_tokens,
+        "min_frequency": min_frequency,
+        "method": "continued BPE: new vocab entries and merges appended after the base's (lowest priority)",
+        "base_vocab_size": base_size,
+        "new_vocab_size": len(new_tok),
+        "new_tokens": len(ext.new_tokens),
+        "new_merges": len(ext.merges),
+        "new_syllables": len(ext.new_tokens) - len(ext.merges),
+        "new_token_ids": [base_size, len(new_tok) - 1],
+        "training_tokens_before": ext.corpus_tokens_before,
+        "training_tokens_after": ext.corpus_tokens_after,
+        "learn_seconds": round(learn_s, 2),
+        "top_new_tokens": [{"token": t, "saved": s} for t, s in zip(ext.new_tokens[:50], ext.saved[:50])],
+        "eval": compare(base_tok, new_tok, {p.name: read_lines(p) for p in eval_files}) if eval_files else {},
+    }
+    (Path(out_dir) / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    return report

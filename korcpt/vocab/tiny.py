@@ -7,6 +7,7 @@ that code paths exercised with it behave as with the real Gemma 3 tokenizer, onl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -38,6 +39,12 @@ def train_tiny_tokenizer(files: list[Path], out_dir: Path, vocab_size: int = 409
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
     )
+    # The trainer registers the byte tokens as special added tokens; as in Gemma they must be plain
+    # vocabulary entries, or decode(skip_special_tokens=True) drops every byte-fallback character and
+    # a literal "<0xE2>" in the text is matched as a token. Ids do not change.
+    data = json.loads(tok.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPECIALS]
+    tok = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
