@@ -1,0 +1,139 @@
+"""Embedding rows for the new tokens of an extended tokenizer.
+
+When the tokenizer is larger than the model's vocabulary, :func:`resize_and_init_embeddings` grows the
+input embedding (and the output head, when it is not tied to it) to ``len(tokenizer)`` rounded up to
+a multiple of 64, and initialises:
+
+* each new token's row to the mean of the rows of the pieces the *base* tokenizer makes of the
+  token's text (sub-token interpolation, as in Unsloth, NVIDIA's tokenizer extension and the
+  vocabulary-extension literature): the model starts by reading ``▁간염`` as it read ``▁간`` + ``염``;
+  the output head's row is the mean of the pieces' output rows, in the same way;
+* padding rows (ids at or past ``len(tokenizer)``, never produced by the tokenizer) to the mean of
+  all base rows: their logits start near the average instead of at an arbitrary value, and a stray
+  id reads as an "average token" rather than as zeros;
+* every other row stays bit-identical, and tied weights stay tied.
+
+Under DeepSpeed ZeRO-3 the weights are gathered (``GatheredParameters``, rank 0 writes) and
+re-partitioned on exit. Resize before ``deepspeed.initialize`` / ``accelerator.prepare``: the engine
+then partitions the new, larger parameter like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from korcpt.errors import ModelError
+from korcpt.log import get_logger
+
+log = get_logger(__name__)
+
+
+def new_token_ids(base_vocab_size: int, tokenizer) -> list[int]:
+    """Ids of ``tokenizer`` that the base tokenizer (with ``base_vocab_size`` ids) does not have."""
+    return sorted(i for i in tokenizer.get_vocab().values() if i >= base_vocab_size)
+
+
+def piece_ids(base_tokenizer, new_tokenizer, token_id: int) -> list[int]:
+    """Ids of the pieces the base tokenizer makes of the text of ``new_tokenizer``'s ``token_id``.
+
+    A token of the BPE model (``▁간염``) is split by the base BPE model directly, so the leading
+    ``▁`` stays part of the first piece exactly as in running text; any other token (an added token)
+    is decoded to text and encoded without special tokens.
+    """
+    token = new_tokenizer.convert_ids_to_tokens(token_id)
+    added = {t.content for t in new_tokenizer.added_tokens_decoder.values()}
+    model = base_tokenizer.backend_tokenizer.model
+    if token not in added and hasattr(model, "get_vocab"):
+        return [t.id for t in model.tokenize(token)]
+    return base_tokenizer.encode(new_tokenizer.decode([token_id]), add_special_tokens=False)
+
+
+@contextlib.contextmanager
+def _gathered(params: list[torch.nn.Parameter]) -> Iterator[bool]:
+    """Full tensors of ``params`` inside the block (gathered under ZeRO-3, rank 0's edits kept);
+    yields whether this process should write them."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield True
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _rows(param: torch.nn.Parameter) -> int:
+    return int(param.ds_shape[0]) if hasattr(param, "ds_shape") else int(param.shape[0])
+
+
+@torch.no_grad()
+def _init_rows(weight: torch.Tensor, pieces: dict[int, list[int]], pad_ids: range, base_size: int) -> None:
+    mean_all = weight[:base_size].float().mean(0)
+    for token_id, ids in pieces.items():
+        src = weight[ids].float().mean(0) if ids else mean_all
+        weight[token_id] = src.to(weight.dtype)
+    if len(pad_ids):
+        weight[pad_ids.start : pad_ids.stop] = mean_all.to(weight.dtype)
+
+
+def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_multiple_of: int = 64) -> list[int]:
+    """Grow ``model``'s vocabulary to fit ``new_tokenizer`` and initialise the new rows (see module doc).
+
+    Args:
+        model: a transformers ``PreTrainedModel`` whose vocabulary matches ``base_tokenizer``.
+        base_tokenizer: the tokenizer the model was trained with.
+        new_tokenizer: its extension (base ids unchanged, new ids after them).
+        pad_to_multiple_of: the new vocabulary size is ``len(new_tokenizer)`` rounded up to this.
+
+    Returns:
+        The new token ids (``>= len(base_tokenizer)``, ``< len(new_tokenizer)``), sorted.
+
+    Raises:
+        ModelError: the tokenizers disagree on a base token, the model is smaller than the base
+            tokenizer, or after resizing the config's vocab_size or the weight tying is wrong.
+    """
+    base_size = len(base_tokenizer)
+    base_vocab = base_tokenizer.get_vocab()
+    new_vocab = new_tokenizer.get_vocab()
+    moved = [t for t, i in base_vocab.items() if new_vocab.get(t) != i]
+    if moved:
+        raise ModelError(
+            f"{len(moved)} base tokens have another id in the new tokenizer (e.g. {moved[0]!r}: "
+            f"{base_vocab[moved[0]]} -> {new_vocab.get(moved[0])}); expected an extension that keeps base ids"
+        )
+    new_ids = new_token_ids(base_size, new_tokenizer)
+    emb = model.get_input_embeddings()
+    old_rows = _rows(emb.weight)
+    if old_rows < base_size:
+        raise ModelError(f"model has {old_rows} embedding rows, fewer than the base tokenizer's {base_size} tokens")
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
+    multiple = max(pad_to_multiple_of, 1)
+    target = max(old_rows, -(-len(new_tokenizer) // multiple) * multiple)
+    if target > old_rows:
+        model.resize_token_embeddings(target, mean_resizing=False)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if text_config.vocab_size != target or _rows(model.get_input_embeddings().weight) != target:
+        raise ModelError(
+            f"after resizing, config.vocab_size is {text_config.vocab_size} and the embedding has "
+            f"{_rows(model.get_input_embeddings().weight)} rows; expected {target} (a ZeRO-3 resize bug?)"
+        )
+
+    pieces = {i: piece_ids(base_tokenizer, new_tokenizer, i) for i in new_ids}
+    pad_ids = range(max(old_rows, len(new_tokenizer)), target)  # rows that existed before keep their values
+    weights = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not weights[0]:
+        weights.append(out.weight)
+    with _gathered(weights) as writer:
+        if writer:
+            for weight in weights:
+                _init_rows(weight.data, pieces, pad_ids, base_size)
+    if tied and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise ModelError("the output head was tied to the input embedding before resizing and is not after")
+    log.info("vocabulary %d -> %d rows: %d new tokens initialised from their base pieces, %d padding rows",
+             old_rows, target, len(new_ids), len(pad_ids))
+    return new_ids
