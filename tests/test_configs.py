@@ -1,0 +1,100 @@
+"""Every shipped config loads: run YAMLs validate, accelerate YAMLs name existing DeepSpeed files,
+DeepSpeed JSON is valid and leaves batch, accumulation and clipping to the run config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from korcpt.config import load_config
+from korcpt.model.presets import ROOT
+
+CONFIGS = ROOT / "configs"
+RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+DEEPSPEED = sorted((CONFIGS / "deepspeed").glob("*.json"))
+MODELS = sorted((CONFIGS / "models").glob("*.json"))
+
+
+def test_the_expected_configs_are_shipped():
+    names = {p.name for p in RUN_CONFIGS}
+    assert {"4b.yaml", "4b_zero2.yaml", "27b_zero3.yaml"} <= names
+    assert {p.stem for p in ACCELERATE} >= {"single_gpu", "multi_gpu_ddp", "zero2", "zero3", "cpu_ddp",
+                                            "cpu_zero2", "cpu_zero3"}
+    assert {p.stem for p in DEEPSPEED} >= {"zero2", "zero3"}
+    assert {p.stem for p in MODELS} >= {"medgemma-4b", "medgemma-27b"}
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_run_config_loads(path):
+    cfg = load_config(path, check_files=False)
+    assert cfg.source == str(path)
+
+
+def test_large_model_configs_match_their_purpose():
+    c4 = load_config(CONFIGS / "4b.yaml", check_files=False)
+    c27 = load_config(CONFIGS / "27b_zero3.yaml", check_files=False)
+    assert c4.model.name == "medgemma-4b" and c27.model.name == "medgemma-27b"
+    assert (c4.lora.r, c4.lora.alpha, c4.lora.use_rslora, c4.train.lr) == (16, 32.0, True, 2e-5)
+    assert (c4.train.micro_batch_size, c4.train.grad_accum) == (2, 16)
+    assert c27.model.gradient_checkpointing and c27.model.dtype == "bfloat16"
+    assert c4.train.loss_chunk_tokens > 0 and c27.train.loss_chunk_tokens > 0
+    # the same global batch (sequences per optimizer step) on 1 GPU and on 8
+    c2 = load_config(CONFIGS / "4b_zero2.yaml", check_files=False)
+    for c, gpus in ((c4, 1), (c2, 8), (c27, 8)):
+        assert c.train.micro_batch_size * c.train.grad_accum * gpus == 32
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_config(path):
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert data["distributed_type"] in {"NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED"}
+    assert isinstance(data["num_processes"], int) and data["num_processes"] >= 1
+    if path.stem.startswith("cpu_"):
+        assert data["use_cpu"] is True and data["num_processes"] == 2 and data.get("mixed_precision", "no") == "no"
+    if data["distributed_type"] == "DEEPSPEED":
+        ds_file = ROOT / data["deepspeed_config"]["deepspeed_config_file"]
+        assert ds_file.is_file(), ds_file
+        # accelerate refuses DeepSpeed settings in both places when a config file is given
+        assert set(data["deepspeed_config"]) <= {"deepspeed_config_file", "zero3_init_flag"}
+        ds = json.loads(ds_file.read_text())
+        assert data["deepspeed_config"]["zero3_init_flag"] == (ds["zero_optimization"]["stage"] == 3)
+        # precision is the DeepSpeed file's: bf16 on GPUs, float32 on CPU (no bf16 kernels to rely on)
+        assert ds["bf16"]["enabled"] is (not data["use_cpu"])
+        assert "mixed_precision" not in data or data["mixed_precision"] == ("no" if data["use_cpu"] else "bf16")
+
+
+@pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
+def test_deepspeed_config(path):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["zero_optimization"]["stage"] in (1, 2, 3)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert data[key] == "auto", key  # one source of truth: the run config
+    assert data["bf16"]["enabled"] in (True, False, "auto")
+    assert "optimizer" not in data and "scheduler" not in data  # the loop builds AdamW and the schedule (train.lr)
+
+
+def test_deepspeed_config_is_accepted_by_deepspeed():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for path in DEEPSPEED:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        resolved = {k: v for k, v in data.items() if v != "auto"}
+        resolved.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=16, train_batch_size=32,
+                        gradient_clipping=1.0, bf16={"enabled": False})
+        zero = {k: (5e8 if v == "auto" else v) for k, v in data["zero_optimization"].items()}
+        resolved["zero_optimization"] = zero
+        cfg = DeepSpeedConfig(resolved)
+        assert cfg.zero_optimization_stage == data["zero_optimization"]["stage"]
+
+
+@pytest.mark.parametrize("path", MODELS, ids=lambda p: p.name)
+def test_model_architecture_builds_on_meta(path):
+    from korcpt.model.memory import build_meta_model
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = build_meta_model(data)
+    assert sum(p.numel() for p in model.parameters()) > 0
