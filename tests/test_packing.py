@@ -90,3 +90,26 @@ def test_kwargs_per_attention_implementation():
     model.config._attn_implementation = "flash_attention_2"
     kw = document_mask_kwargs(model, pos)
     assert "attention_mask" not in kw and kw["cu_seq_lens_k"].tolist() == [0, 2, 5]
+
+
+def test_multimodal_gemma3_takes_the_same_masks():
+    """MedGemma 4B is Gemma3ForConditionalGeneration: the dict mask passes through to its language model."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).float().eval()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(0, 290, (1, 10), generator=g), torch.randint(0, 290, (1, 8), generator=g)
+    pos = torch.cat([torch.arange(10), torch.arange(8)])[None]
+    masked = token_losses(model, torch.cat([a, b], 1), **document_mask_kwargs(model, pos))
+    assert (masked[:, 10:] - token_losses(model, b)).abs().max().item() < 1e-5
+    assert (masked[:, :9] - token_losses(model, a)).abs().max().item() < 1e-5
