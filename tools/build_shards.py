@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mix = ap.add_argument_group("corpus")
     mix.add_argument("--medical-multiplier", type=int, default=5, help="copies of each medical record (default 5)")
     mix.add_argument("--seed", type=int, default=42, help="seed of the shuffle and the validation split")
-    mix.add_argument("--max-samples", type=int, default=0, help="cap on mixed documents (0: all)")
+    mix.add_argument("--max-samples", type=int, default=0,
+                     help="cap on mixed documents (0: all): the first N of the seeded shuffle are kept")
     mix.add_argument("--min-chars", type=int, default=100, help="drop Korean documents shorter than this after cleaning")
     mix.add_argument("--min-hangul-ratio", type=float, default=0.10,
                      help="drop Korean documents with a smaller share of Hangul among non-space characters")

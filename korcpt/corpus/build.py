@@ -203,10 +203,6 @@ def _init_worker(args: tuple) -> None:
     _worker_args = args
 
 
-def _korean_batch(batch: list[Record]) -> list[Outcome]:
-    return [_korean_outcome(rec, *_worker_args) for rec in batch]
-
-
 def _medical_outcome(source: str, rec: Record, exclude: ExcludeSet | None) -> Outcome:
     try:
         if source == "mcq":
