@@ -211,3 +211,21 @@ def test_cli_bad_input_is_one_line_error_exit_2(sources, tmp_path, case):
     assert "Traceback" not in res.stderr
     expected = {"strict": "train.jsonl:5", "missing": "missing.json", "empty": "empty.jsonl", "broken_array": "broken.json:2"}[case]
     assert expected in lines[0]
+
+
+def test_project_sample_data_if_present(tmp_path):
+    sample = ROOT / "data" / "sample"
+    if not (sample / "korean").is_dir():
+        pytest.skip(f"project sample data not found at {sample}")
+    report = build_corpus(CorpusOptions(
+        korean=[sample / "korean"], mcq=sample / "kormedmcqa" / "train.jsonl", medical_dict=sample / "medical_dict.json",
+        char_dict=sample / "char_dict.json", exclude_mcq=[sample / "kormedmcqa" / "test.jsonl"], progress=False,
+    ), tmp_path / "out")
+    for name, c in report["sources"].items():
+        assert c["read"] == c["kept"] + c["dropped"] + c["rejected"] > 0, name
+        assert c["rejected"] == 0, c["rejects"]
+    assert report["sources"]["korean"]["dropped_by_reason"]["redirect"] >= 1
+    lines = _lines(tmp_path / "out")
+    korean = [x["text"] for x in lines if x["source"] == "korean"]
+    assert korean and not [t for t in korean if any(s in t for s in ("[[", "]]", "'''", "[목차]", "[include(", "[Include(", "||", "{{{", "<ref"))]
+    assert any(x["text"].startswith("당뇨병은 혈당 조절 장애로 인한 대사 질환이다") for x in lines)
