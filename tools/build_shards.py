@@ -55,7 +55,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from korcpt.corpus.build import CorpusOptions, build_corpus
     from korcpt.log import get_logger
 
     log = get_logger("build_shards")
@@ -64,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not (args.korean or args.mcq or args.medical_dict or args.char_dict):
             raise DataError("no input: give at least one of --korean, --mcq, --medical-dict, --char-dict or --from-jsonl")
+        from korcpt.corpus.build import CorpusOptions, build_corpus
+
         opts = CorpusOptions(
             korean=args.korean, mcq=args.mcq, medical_dict=args.medical_dict, char_dict=args.char_dict,
             exclude_mcq=args.exclude_mcq, medical_multiplier=args.medical_multiplier, seed=args.seed,

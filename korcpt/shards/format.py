@@ -1,0 +1,160 @@
+"""The on-disk format of a shard directory, shared by the writer, the reader and the tools.
+
+Layout of ``DIR`` (everything but ``manifest.json`` and ``report.json`` is named by the manifest)::
+
+    DIR/train/shard-00000.bin       bare little-endian token array (uint16 or uint32), no header:
+                                    np.memmap(path, dtype) reads it, as any nanoGPT-style loader does
+    DIR/train/shard-00000.idx.npy   int64 array (D, 4), one row per document segment in the shard:
+                                    [token offset, corpus line, source id, 1 if a document starts there]
+    DIR/val/...                     the same for the validation split
+    DIR/wds/{train,val}/shard-00000.tar   with --format webdataset: the same windows as tar members
+    DIR/report.json                 corpus report + token statistics
+    DIR/manifest.json               written last, atomically: its presence means the set is complete
+
+Packing (see :mod:`korcpt.shards.writer` for a worked example): each document becomes
+``<bos> tokens <eos>``; a split's documents are concatenated in corpus order and cut into windows of
+``seq_len + 1`` tokens that overlap by one token, so that every token after the first is a target
+exactly once. A shard with ``sequences`` windows holds ``sequences * seq_len + 1`` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from korcpt.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+SPLITS = ("train", "val")
+INDEX_SUFFIX = ".idx.npy"
+# Columns of a shard's index array.
+IDX_OFFSET, IDX_LINE, IDX_SOURCE, IDX_IS_START = 0, 1, 2, 3
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+def choose_dtype(vocab_size: int) -> str:
+    """``"uint16"`` when every id of a vocabulary of ``vocab_size`` fits in 16 bits, else ``"uint32"``.
+
+    Example: a 4,096-token tokenizer -> uint16; Gemma 3's 262,144 tokens -> uint32 (ids up to 262,143).
+    """
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what token ids mean for ``tokenizer``: its id->token table and special tokens.
+
+    Two tokenizers with the same fingerprint turn the same ids into the same strings, whatever files
+    they were loaded from (a GGUF, a saved directory, the hub); any added, removed or renumbered token
+    changes it. The trainer compares this with ``manifest["tokenizer"]["fingerprint"]``.
+
+    Args:
+        tokenizer: a HuggingFace tokenizer (anything with ``get_vocab()``), or a ``tokenizers.Tokenizer``.
+
+    Returns:
+        ``"sha256:<64 hex digits>"``.
+    """
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256()
+    for token, idx in sorted(vocab.items(), key=lambda item: item[1]):
+        digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        digest.update(f"{name}={getattr(tokenizer, name, None)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, fsync, then rename onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def safe_member(directory: Path, relative: str, what: str) -> Path:
+    """Resolve a path named by a manifest, refusing any that leaves ``directory``.
+
+    Refused: absolute paths, ``..`` components, and symlinks (anywhere on the way) whose target lies
+    outside the directory. Raises :class:`DataError` naming the manifest and the path.
+    """
+    manifest = directory / MANIFEST
+    if not isinstance(relative, str) or not relative:
+        raise DataError(f"{manifest}: {what} path must be a non-empty relative string, found {relative!r}")
+    rel = Path(relative)
+    if rel.is_absolute() or relative.startswith(("/", "\\")) or ".." in rel.parts or ":" in rel.parts[0]:
+        raise DataError(f"{manifest}: {what} path {relative!r} leaves the shard directory; expected a path inside {directory}")
+    root = directory.resolve()
+    full = (directory / rel).resolve()
+    if full != root and root not in full.parents:
+        raise DataError(
+            f"{manifest}: {what} path {relative!r} resolves to {full}, outside the shard directory {root}"
+        )
+    return directory / rel
+
+
+def load_manifest(directory: Path) -> dict:
+    """Read and structurally check ``DIR/manifest.json``; raises :class:`DataError` naming the file."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: {directory} is not a complete shard directory "
+            "(the manifest is written last; build it with tools/build_shards.py)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION} (rebuild the shards)")
+    missing = [k for k in ("tokenizer", "dtype", "seq_len", "bos_id", "eos_id", "shards") if k not in manifest]
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}")
+    if manifest["dtype"] not in DTYPES:
+        raise DataError(f"{path}: dtype {manifest['dtype']!r}, expected one of {sorted(DTYPES)}")
+    if not isinstance(manifest["seq_len"], int) or manifest["seq_len"] < 1:
+        raise DataError(f"{path}: seq_len {manifest['seq_len']!r}, expected a positive integer")
+    if not isinstance(manifest["shards"], list):
+        raise DataError(f"{path}: shards must be a list, found {type(manifest['shards']).__name__}")
+    for i, shard in enumerate(manifest["shards"]):
+        keys = ("split", "path", "index", "tokens", "sequences", "sha256")
+        if not isinstance(shard, dict) or any(k not in shard for k in keys):
+            raise DataError(f"{path}: shards[{i}] must be an object with keys {list(keys)}, found {shard!r}")
+        if shard["split"] not in SPLITS:
+            raise DataError(f"{path}: shards[{i}].split {shard['split']!r}, expected one of {list(SPLITS)}")
+        seqs, toks = shard["sequences"], shard["tokens"]
+        if not (isinstance(seqs, int) and isinstance(toks, int) and seqs >= 1 and toks == seqs * manifest["seq_len"] + 1):
+            raise DataError(
+                f"{path}: shards[{i}] ({shard['path']}) has tokens={toks!r}, sequences={seqs!r}; "
+                f"expected tokens = sequences * seq_len + 1 with seq_len={manifest['seq_len']}"
+            )
+    return manifest
