@@ -13,8 +13,9 @@ The rule, applied to the word's last sounding character after dropping a trailin
   Korean reading, and the vowel form is what the spec shows: ``↑는``, ``...upward trend를``.
 
 Why not a library. Measured on 14 words (the spec's, the ones above, and ``HbA1c``, ``pain``):
-``tossi`` 0.3.1 (last release 2018) agrees on Hangul and digits but writes the undecided form
-``↑은(는)`` / ``trend을(를)`` for every non-Hangul ending, which breaks both spec examples;
+``tossi`` 0.3.1 (last release 2018) agrees on Hangul, parentheticals and digits but writes the
+undecided form ``↑은(는)`` / ``trend을(를)`` / ``LDL은(는)`` for every other non-Hangul ending, which
+breaks both spec examples;
 ``pyjosa`` 1.0.3 raises on any non-Hangul character, ``고혈압(Hypertension)`` included; ``josa`` 0.0.8
 does not install (Python 2 setup). The rule above is 30 lines and does the spec's cases right.
 """
