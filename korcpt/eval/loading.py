@@ -1,0 +1,68 @@
+"""Load a base model, optionally with a trained adapter, for standalone evaluation (tools/eval_*.py).
+
+The base goes through the trainer's own loader (:func:`korcpt.model.load.load_model_and_tokenizer`:
+presets, local directories, GGUF files, multimodal MedGemma), so an evaluated model is built exactly
+as it was for training. A run's output directory keeps the run's tokenizer in ``tokenizer/``; when it
+is there (or ``tokenizer`` is given) and is larger than the base vocabulary, the embeddings are grown
+and initialised the way the trainer did before the adapter (LoRA and trained token rows) is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from korcpt.errors import ModelError
+from korcpt.log import get_logger
+
+log = get_logger(__name__)
+
+
+def adapter_tokenizer_dir(adapter: str | Path | None) -> Path | None:
+    """``ADAPTER/tokenizer`` when the adapter directory holds one (the trainer saves it there)."""
+    if adapter is None:
+        return None
+    path = Path(adapter) / "tokenizer"
+    return path if path.is_dir() else None
+
+
+def load_for_eval(model: str, *, adapter: str | Path | None = None, tokenizer: str | Path | None = None,
+                  dtype: str = "auto", device: str = "cpu", attn_implementation: str = "sdpa"):
+    """A model in eval mode and its tokenizer.
+
+    Args:
+        model: preset (``gemma3-270m``, ``medgemma-4b``, ...), local directory, ``.gguf`` file or hub id.
+        adapter: a PEFT adapter directory written by the trainer (``adapter_config.json``).
+        tokenizer: tokenizer directory or preset; default ``ADAPTER/tokenizer`` if present, else the model's.
+        dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+        device: where to put the model.
+        attn_implementation: attention kernel passed to transformers.
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ModelError: the model, tokenizer or adapter cannot be found or combined.
+    """
+    from korcpt.config import ModelConfig
+    from korcpt.model.load import load_model_and_tokenizer
+
+    tok = tokenizer if tokenizer is not None else adapter_tokenizer_dir(adapter)
+    mcfg = ModelConfig(name=str(model), tokenizer=str(tok) if tok is not None else "", dtype=dtype,
+                       attn_implementation=attn_implementation)
+    dev = torch.device(device)
+    base, tok_obj, new_ids = load_model_and_tokenizer(mcfg, dev)
+    if new_ids:
+        log.info("embeddings grown by %d rows for tokenizer %s", len(new_ids), tok)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"adapter directory {adapter} has no adapter_config.json (expected a PEFT adapter)")
+        from peft import PeftModel
+
+        try:
+            base = PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"cannot load adapter {adapter} onto {model}: {str(exc).splitlines()[0]}") from None
+    return base.to(dev).eval(), tok_obj

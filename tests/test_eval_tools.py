@@ -1,0 +1,135 @@
+"""tools/eval_mcq.py and tools/eval_ppl.py end to end on a tiny saved model (and a trained-style adapter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from korcpt.corpus.mcq import parse_mcq_record
+from korcpt.eval.mcq import build_letter_prompt, load_mcq, score_mcq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_eval_mcq import fixture_records, tiny_model, tiny_tokenizer, write_jsonl  # noqa: E402
+
+REPORT_KEYS = {"accuracy", "n", "n_skipped", "ci95", "mode", "shots", "chance", "by_group"}
+
+
+def run_tool(name: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KORCPT_NO_PROGRESS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tools")
+    items = [parse_mcq_record(r) for r in fixture_records(60)]
+    tok = tiny_tokenizer(tmp, items)
+    model = tiny_model(len(tok))
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    write_jsonl(tmp / "test.jsonl", fixture_records(12) + ['{"question": "x", "answer": 1}', "[1, 2"])
+    write_jsonl(tmp / "few.jsonl", fixture_records(20)[12:])
+    return tmp, items
+
+
+def test_eval_mcq_cli_writes_report_and_predictions(saved):
+    tmp, _ = saved
+    out, preds = tmp / "r.json", tmp / "p.jsonl"
+    proc = run_tool("eval_mcq.py", "--model", tmp / "model", "--data", tmp / "test.jsonl", "--fewshot",
+                    tmp / "few.jsonl", "--shots", 2, "--batch-size", 5, "--out", out, "--predictions", preds)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["n"] == 12 and report["n_skipped"] == 2 and report["mode"] == "letter" and report["shots"] == 2
+    assert 0.0 <= report["ci95"][0] <= report["accuracy"] <= report["ci95"][1] <= 1.0
+    assert any(":13:" in s for s in report["skipped"]) and any(":14: invalid JSON" in s for s in report["skipped"])
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(lines) == 12 and sum(p["correct"] for p in lines) == report["n_correct"]
+    assert "accuracy" in proc.stderr
+
+    proc = run_tool("eval_mcq.py", "--model", tmp / "model", "--data", tmp / "test.jsonl", "--mode", "choice",
+                    "--max-questions", 4, "--out", tmp / "c.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp / "c.json").read_text())
+    assert report["mode"] == "choice" and report["n"] == 4 and "accuracy_raw" in report and report["shots"] == 0
+
+
+def test_eval_mcq_cli_user_errors_are_one_line(saved):
+    tmp, _ = saved
+    proc = run_tool("eval_mcq.py", "--model", tmp / "model", "--data", tmp / "missing.jsonl")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: MCQ file not found")
+    proc = run_tool("eval_mcq.py", "--model", tmp / "model", "--data", tmp / "few.jsonl", "--fewshot",
+                    tmp / "few.jsonl", "--shots", 9)
+    assert proc.returncode == 2 and "expected 9" in proc.stderr
+
+
+def test_eval_mcq_cli_loads_adapter_with_extended_tokenizer(saved, tmp_path):
+    """An adapter dir as the trainer writes it: LoRA + trained token rows, the run's tokenizer in tokenizer/."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from korcpt.config import ModelConfig
+    from korcpt.model.load import load_model_and_tokenizer
+
+    tmp, items = saved
+    ext = AutoTokenizer.from_pretrained(tmp / "model")
+    ext.add_tokens(["적절한처치"])
+    ext.save_pretrained(tmp_path / "ext")
+    base, tok, new_ids = load_model_and_tokenizer(ModelConfig(name=str(tmp / "model"), tokenizer=str(tmp_path / "ext")),
+                                                  torch.device("cpu"))
+    assert len(new_ids) == 1
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                 trainable_token_indices={"embed_tokens": new_ids}))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.normal_(0, 0.5)
+    adapter = tmp_path / "run"
+    peft_model.save_pretrained(adapter, save_embedding_layers=False)  # as the trainer: rows via trainable tokens
+    tok.save_pretrained(adapter / "tokenizer")
+    expected = score_mcq(peft_model.eval(), tok, load_mcq(tmp / "test.jsonl")[0][:5], mode="letter")
+    plain = score_mcq(tiny_model(len(tok) - 1), tok, load_mcq(tmp / "test.jsonl")[0][:5], mode="letter")
+    assert expected["predictions"][0]["logprobs"] != pytest.approx(plain["predictions"][0]["logprobs"], abs=1e-3)
+
+    proc = run_tool("eval_mcq.py", "--model", tmp / "model", "--adapter", adapter, "--data", tmp / "test.jsonl",
+                    "--max-questions", 5, "--out", tmp_path / "a.json", "--predictions", tmp_path / "a.jsonl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(got) == 5
+    for a, b in zip(got, expected["predictions"]):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+    assert json.loads((tmp_path / "a.json").read_text())["adapter"] == str(adapter)
+
+
+def test_eval_ppl_cli_on_built_shards(saved, tmp_path):
+    tmp, items = saved
+    corpus = [{"text": build_letter_prompt(it, []) + " " + it.answer_letter, "source": ("korean", "mcq")[i % 2]}
+              for i, it in enumerate(items)]
+    write_jsonl(tmp_path / "corpus.jsonl", corpus)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "build_shards.py"), "--from-jsonl",
+                           tmp_path / "corpus.jsonl", "--tokenizer", tmp / "model", "--seq-len", "32",
+                           "--val-fraction", "0.3", "--workers", "1", "--out", tmp_path / "shards"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from korcpt.shards.reader import open_shards
+
+    val = open_shards(tmp_path / "shards", "val")
+    expected_tokens = sum(int((val.sample(i)["labels"] != -100).sum()) for i in range(min(5, val.num_sequences)))
+
+    proc = run_tool("eval_ppl.py", "--model", tmp / "model", "--shards", tmp_path / "shards",
+                    "--max-val-sequences", 5, "--batch-size", 2, "--out", tmp_path / "ppl.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert result["sequences"] == 5 and result["tokens"] == expected_tokens > 0
+    assert abs(result["ppl"] - 2.718281828 ** result["loss"]) < 1e-6 * result["ppl"]
+    assert set(result["by_source"]) <= {"korean", "mcq"} and result["by_source"]
+    assert sum(s["tokens"] for s in result["by_source"].values()) == result["tokens"]
