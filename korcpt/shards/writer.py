@@ -303,7 +303,7 @@ class _SplitWriter:
 
 
 def _read_val_documents(paths: list[Path]) -> Iterator[tuple[str, str, str]]:
-    """(text, source, where) of explicit validation files, read and cleaned as ``--korean`` input is.
+    """(text, source, raw text) of explicit validation files, read and cleaned as ``--korean`` input is.
 
     The corpus stage's readers decide the format (JSON array, JSONL, ``.txt`` = one document, a
     ``save_to_disk`` directory); a ``{"text"}`` record is cleaned of wiki markup, a ``.txt`` document
@@ -318,7 +318,7 @@ def _read_val_documents(paths: list[Path]) -> Iterator[tuple[str, str, str]]:
             if isinstance(rec, Rejected):
                 raise DataError(f"{rec.where}: validation record rejected ({rec.reason}: {rec.detail})")
             if rec.is_text:
-                yield normalize_text(rec.value), "val_korean", rec.where
+                yield normalize_text(rec.value), "val_korean", rec.value
                 continue
             raw = rec.value.get("text") if isinstance(rec.value, dict) else rec.value
             if not isinstance(raw, str):
@@ -326,7 +326,7 @@ def _read_val_documents(paths: list[Path]) -> Iterator[tuple[str, str, str]]:
             if is_redirect(raw):
                 continue
             source = rec.value.get("source") if isinstance(rec.value, dict) else None
-            yield clean_wiki(raw), str(source or "val_korean"), rec.where
+            yield clean_wiki(raw), str(source or "val_korean"), raw
 
 
 def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, list[bytes], int]]:
@@ -479,7 +479,9 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
             # The explicit validation set goes first: its hashes are then kept out of train.
             records = list(_read_val_documents(options.val_korean))
             val_files = sorted({str(Path(p)) for p in options.val_korean})
-            exclude = frozenset(doc_hash(t.encode("utf-8", "surrogatepass"), options.seed) for t, _, _ in records)
+            # A corpus document equal to a validation document, cleaned or as given, stays out of train.
+            exclude = frozenset(doc_hash(t.encode("utf-8", "surrogatepass"), options.seed)
+                                for rec in records for t in (rec[0], rec[2]))
             lines = [json.dumps({"text": t, "source": s}, ensure_ascii=False).encode() + b"\n" for t, s, _ in records]
             run(Path(options.val_korean[0]), _list_chunks(lines, CHUNK_BYTES), sum(map(len, lines)), forced_split=1)
             corpus_sha = run(corpus_path, _line_chunks(corpus_path, CHUNK_BYTES), corpus_path.stat().st_size,
