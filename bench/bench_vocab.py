@@ -43,7 +43,7 @@ ENGLISH = [
     "Chronic hepatitis B infection requires regular monitoring of liver enzymes and viral load.",
     "The MRI of the brain revealed no acute infarction, but small vessel disease was noted.",
     "Follow-up in two weeks with a repeat complete blood count and renal function tests.",
-] * 25
+] * 250
 
 
 def added_tokens_variant(base_dir: Path, new_tokens: list[str], out: Path):
