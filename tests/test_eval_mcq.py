@@ -284,6 +284,30 @@ def test_memorised_items_reach_100_percent_untrained_model_near_chance(setup):
     assert sum(g["n"] for g in after["by_group"]["exam_type"].values()) == 5
 
 
+def test_multimodal_gemma3_gets_token_type_ids_and_scores_alike_batched(setup):
+    """Gemma3ForConditionalGeneration (MedGemma 4B's class) needs token_type_ids; logits_to_keep works there too."""
+    from korcpt.config import ModelConfig
+    from korcpt.eval.perplexity import evaluate_perplexity
+    from korcpt.model.load import build_random_model
+
+    _, items, tok = setup
+    root = Path(__file__).resolve().parents[1]
+    mcfg = ModelConfig(name=str(root / "configs" / "models" / "tiny_gemma3_mm.json"), random_init=True)
+    model = build_random_model(mcfg, len(tok), torch.float32, seed=0).eval()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    for mode in ("letter", "choice"):
+        recorder = Recorder(model)
+        one = score_mcq(recorder, tok, items[:3], mode=mode, batch_size=1)
+        many = score_mcq(model, tok, items[:3], mode=mode, batch_size=8)
+        assert one["n"] == 3 and recorder.calls
+        assert all(torch.equal(c["token_type_ids"], torch.zeros_like(c["input_ids"])) for c in recorder.calls)
+        for a, b in zip(one["predictions"], many["predictions"]):
+            assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+    ids = torch.randint(4, len(tok), (2, 9), generator=torch.Generator().manual_seed(0))
+    result = evaluate_perplexity(model, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}])
+    assert result["tokens"] == 16 and result["loss"] > 0
+
+
 # ---- 1 vs 2 processes: this file is also the worker script (torchrun + Accelerator, gloo on CPU).
 
 def _distributed_worker(tmp: str) -> None:

@@ -112,6 +112,18 @@ def test_forward_kwargs_adds_token_type_ids_for_multimodal_gemma3():
     assert torch.equal(kwargs["token_type_ids"], torch.zeros(2, 3, dtype=torch.long))
     assert torch.equal(kwargs["position_ids"], batch["position_ids"]) and "attention_mask" not in kwargs
 
+    class Wrapped(torch.nn.Module):  # DDP / DeepSpeed keep the model in .module and have no .config
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    assert "token_type_ids" in forward_kwargs(Wrapped(Fake("gemma3")), batch)
+    # the trainer's per-document masking kwargs pass through; metadata does not
+    extra = {**batch, "cu_seq_lens_q": torch.tensor([0, 3]), "max_length_q": 3, "labels": batch["input_ids"],
+             "sample_id": torch.tensor([0, 1]), "token_source": torch.zeros(2, 3)}
+    kwargs = forward_kwargs(Fake("gemma3_text"), extra)
+    assert set(kwargs) == {"input_ids", "position_ids", "use_cache", "cu_seq_lens_q", "max_length_q"}
+
 
 # ---- 1 vs 2 processes: this file is also the worker script (torchrun + Accelerator, gloo on CPU).
 

@@ -49,7 +49,7 @@ import torch
 
 from korcpt.corpus.mcq import LETTERS, MCQItem, MCQRecordError, parse_mcq_record
 from korcpt.errors import DataError, ModelError
-from korcpt.eval.perplexity import forward_kwargs, model_device
+from korcpt.eval.perplexity import forward_kwargs, model_config, model_device
 from korcpt.log import get_logger, progress
 
 log = get_logger(__name__)
@@ -320,8 +320,9 @@ def score_mcq(
     pool = list(fewshot) if fewshot is not None else valid
     examples = [select_fewshot(item, pool, shots) for item in valid]  # raises before any forward
     if max_length is None:
-        config = getattr(model, "config", None)
-        max_length = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+        config = model_config(model)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        max_length = getattr(text, "max_position_embeddings", None)
 
     # Build every question's token sequences (all ranks, so that skips and the split agree).
     letter_ids = None

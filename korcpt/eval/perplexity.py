@@ -36,23 +36,33 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_type(model) -> str:
-    config = getattr(model, "config", None)
-    return getattr(config, "model_type", "") or ""
+# Batch keys that are model inputs; anything else a batch carries (labels, sample_id, token_source) is not.
+# The cu_seq_lens/max_length keys are FlashAttention varlen document boundaries (korcpt.model.packing).
+MODEL_INPUT_KEYS = ("position_ids", "attention_mask", "token_type_ids",
+                    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def model_config(model):
+    """The transformers config of a model, seen through DDP/DeepSpeed (``.module``) wrappers; PEFT
+    models forward ``.config`` themselves."""
+    while getattr(model, "config", None) is None and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "config", None)
 
 
 def forward_kwargs(model, batch: Mapping[str, torch.Tensor]) -> dict:
     """Keyword arguments of ``model(...)`` for a token batch.
 
-    Passes ``input_ids`` and, when present, ``position_ids`` and ``attention_mask``. A multimodal
-    Gemma 3 (``Gemma3ForConditionalGeneration``, ``model_type == "gemma3"``, e.g. MedGemma 4B) also
-    needs ``token_type_ids``: all zeros, since every token is text. ``use_cache`` is off.
+    Passes ``input_ids`` and whichever of :data:`MODEL_INPUT_KEYS` the batch holds (so the trainer's
+    per-document masks reach the model); ``use_cache`` is off. A multimodal Gemma 3
+    (``Gemma3ForConditionalGeneration``, ``model_type == "gemma3"``, e.g. MedGemma 4B) also needs
+    ``token_type_ids``: all zeros unless the batch has them, since every token is text.
     """
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    for key in ("position_ids", "attention_mask"):
+    for key in MODEL_INPUT_KEYS:
         if batch.get(key) is not None:
             kwargs[key] = batch[key]
-    if _model_type(model) == "gemma3":
+    if getattr(model_config(model), "model_type", "") == "gemma3" and "token_type_ids" not in kwargs:
         kwargs["token_type_ids"] = torch.zeros_like(batch["input_ids"])
     return kwargs
 
