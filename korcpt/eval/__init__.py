@@ -6,3 +6,4 @@
                     accuracy by likelihood: "letter" (next-token " A".." E" after 정답:) or "choice"
                     (log-likelihood of each option's text), few-shot, batched, split across ranks
     loading.py      load_for_eval(model, adapter=..., tokenizer=...) for tools/eval_mcq.py, eval_ppl.py
+"""
