@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from korcpt.train.loop import train
 
     info = train(cfg, resume=args.resume)
-    print(f"done: {info['steps']} steps, {info['tokens_seen']:,} tokens, stop: {info['stop_reason']}; "
-          f"outputs in {cfg.output.dir}")
+    from korcpt.log import is_main_process
+
+    if is_main_process():
+        print(f"done: {info['steps']} steps, {info['tokens_seen']:,} tokens, stop: {info['stop_reason']}; "
+              f"outputs in {cfg.output.dir}")
     return 0
 
 

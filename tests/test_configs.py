@@ -53,7 +53,9 @@ def test_accelerate_config(path):
     assert data["distributed_type"] in {"NO", "MULTI_GPU", "MULTI_CPU", "DEEPSPEED"}
     assert isinstance(data["num_processes"], int) and data["num_processes"] >= 1
     if path.stem.startswith("cpu_"):
-        assert data["use_cpu"] is True and data["num_processes"] == 2 and data.get("mixed_precision", "no") == "no"
+        # DeepSpeed configs run on CPU with use_cpu; DDP must use the torchrun launcher (use_cpu false)
+        assert data["use_cpu"] is (data["distributed_type"] == "DEEPSPEED")
+        assert data["num_processes"] == 2 and data.get("mixed_precision", "no") == "no"
     if data["distributed_type"] == "DEEPSPEED":
         ds_file = ROOT / data["deepspeed_config"]["deepspeed_config_file"]
         assert ds_file.is_file(), ds_file

@@ -42,22 +42,51 @@ def build_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    kwargs = {}
-    if cfg.model.device == "cpu":
-        kwargs["cpu"] = True
+    # Without a GPU, DDP needs cpu=True to use gloo; DeepSpeed must not get it (it would be dropped).
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs = {"cpu": True} if cfg.model.device == "cpu" or (not torch.cuda.is_available() and not deepspeed) else {}
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
+        # the schedule counts optimizer steps; by default Accelerate would step it once per process
+        step_scheduler_with_optimizer=False,
         project_config=ProjectConfiguration(project_dir=cfg.output.dir, automatic_checkpoint_naming=False),
         **kwargs,
     )
+    _record_cpu_deepspeed_ranks(accelerator)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # one source of truth: batch, accumulation and clipping come from the run config
         ds = plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
         ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-        ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+        ds.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
         ds["gradient_clipping"] = cfg.train.grad_clip
     return accelerator
+
+
+def _record_cpu_deepspeed_ranks(accelerator) -> None:
+    """Make Accelerate's rank bookkeeping match DeepSpeed's process group on CPU.
+
+    Accelerate 1.x lets DeepSpeed initialise a gloo process group when there is no GPU but, finding no
+    device backend, records one process of rank 0 in every process: every rank then believes it is
+    the main one (all write the same files) and would read the same data. Measured here with
+    `accelerate launch --config_file configs/accelerate/cpu_zero3.yaml`: both processes reported
+    process_index 0 and num_processes 1 while torch.distributed had world size 2.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if accelerator.state.deepspeed_plugin is None or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    if not dist.is_initialized():  # ZeRO-1/2 on CPU: Accelerate left it to deepspeed.initialize
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    if accelerator.num_processes == dist.get_world_size():
+        return
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared["num_processes"] = dist.get_world_size()
+        shared["process_index"] = dist.get_rank()
+        shared["local_process_index"] = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
 
 
 def build_optimizer(model, cfg: RunConfig, total_steps: int):
@@ -132,12 +161,13 @@ def model_inputs(model, batch: dict, cfg: RunConfig, device) -> dict:
     """Forward kwargs: ids, and per-document positions/masks when packing is document-masked;
     ``token_type_ids`` (zeros: text) for Gemma3ForConditionalGeneration."""
     ids = batch["input_ids"].to(device)
-    kwargs = {"input_ids": ids}
+    kwargs = {"input_ids": ids, "use_cache": False}
+    base = getattr(model, "module", model)  # DDP and DeepSpeed wrap the model
     if cfg.data.document_mask:
         from korcpt.model.packing import document_mask_kwargs
 
-        kwargs.update(document_mask_kwargs(model, batch["position_ids"].to(device)))
-    if is_multimodal(model):
+        kwargs.update(document_mask_kwargs(base, batch["position_ids"].to(device)))
+    if is_multimodal(base):
         kwargs["token_type_ids"] = torch.zeros_like(ids)
     return kwargs
 
