@@ -48,7 +48,7 @@ def choose_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any, vocab: dict[str, int] | None = None) -> str:
     """A hash of what token ids mean for ``tokenizer``: its id->token table and special tokens.
 
     Two tokenizers with the same fingerprint turn the same ids into the same strings, whatever files
@@ -57,17 +57,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
     Args:
         tokenizer: a HuggingFace tokenizer (anything with ``get_vocab()``), or a ``tokenizers.Tokenizer``.
+        vocab: ``tokenizer.get_vocab()`` if the caller has it already (it takes a second for Gemma's).
 
     Returns:
         ``"sha256:<64 hex digits>"``.
     """
-    vocab = tokenizer.get_vocab()
-    digest = hashlib.sha256()
-    for token, idx in sorted(vocab.items(), key=lambda item: item[1]):
-        digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        digest.update(f"{name}={getattr(tokenizer, name, None)}\n".encode())
-    return "sha256:" + digest.hexdigest()
+    vocab = tokenizer.get_vocab() if vocab is None else vocab
+    by_id = [""] * (max(vocab.values(), default=-1) + 1)
+    for token, idx in vocab.items():
+        by_id[idx] = token
+    table = f"{len(vocab)}\n" + "\n".join(by_id)  # line i is token i; the count tells a gap from ""
+    specials = "".join(f"\n{name}={getattr(tokenizer, name, None)}"
+                       for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"))
+    return "sha256:" + hashlib.sha256((table + specials).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:

@@ -107,19 +107,28 @@ class ShardOptions:
 
 # ---------------------------------------------------------------- worker side (runs in each process)
 
-_W: dict[str, Any] = {}
+_W: dict[str, Any] = {}  # this process's tokenizer and settings (set by _init_* before any chunk)
 
 
-def _init_worker(state: dict) -> None:
-    """Build this process's tokenizer from its JSON (cheap; no HuggingFace loading in workers)."""
+def _init_forked() -> None:
+    """In a forked worker: the parent's tokenizer and settings are already in ``_W`` (copied by fork)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _W["tok"].encode_special_tokens = True  # this process's copy: "<eos>" written in a document is text
+
+
+def _init_spawned(state: dict) -> None:
+    """In a spawned worker (no fork on this platform): rebuild the tokenizer from its JSON."""
     from tokenizers import Tokenizer
 
-    if state["processes"] > 1:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    tok = Tokenizer.from_str(state["tokenizer_json"])
-    tok.encode_special_tokens = True  # "<eos>" written in a document is text, not a control token
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok = Tokenizer.from_str(state.pop("tokenizer_json"))
+    tok.encode_special_tokens = True
     _W.clear()
-    _W.update(state, tok=tok, dtype=DTYPES[state["dtype"]])
+    _W.update(state, tok=tok)
+
+
+def _fingerprint_task() -> str:
+    return tokenizer_fingerprint(_W["hf"])
 
 
 def doc_hash(text: bytes, seed: int) -> bytes:
@@ -402,13 +411,16 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if eos is None:
         raise ModelError(f"tokenizer {name!r} has no eos token; documents need one as their separator")
-    vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    vocab_size = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
     dtype = choose_dtype(vocab_size)
     seq_len = options.seq_len
     per_shard = max(1, options.shard_tokens // seq_len)
     workers = options.workers or os.cpu_count() or 1
     t0 = time.perf_counter()
 
+    # The fingerprint reads the whole vocabulary (a second or two for Gemma's): a forked worker computes
+    # it alongside the tokenization; otherwise this process does at the end.
+    fingerprint: list[str] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out_dir)
     writers = {s: _SplitWriter(out_dir, s, DTYPES[dtype], seq_len, per_shard) for s in SPLITS}
@@ -416,8 +428,8 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
     per_source: dict[str, dict[str, dict[str, int]]] = {s: {} for s in SPLITS}
     skipped = 0
     state = {
-        "tokenizer_json": backend.to_str(), "bos": bos, "eos": eos, "dtype": dtype, "max_id": vocab_size - 1,
-        "seed": options.seed, "val_threshold": int(float(options.val_fraction) * 2**64), "processes": workers,
+        "bos": bos, "eos": eos, "dtype": DTYPES[dtype], "max_id": vocab_size - 1,
+        "seed": options.seed, "val_threshold": int(float(options.val_fraction) * 2**64),
         "exclude": frozenset(), "forced_split": None, "path": str(corpus_path), "default_source": "unknown",
     }
 
@@ -451,13 +463,30 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
 
         try:
             if workers == 1:
-                _init_worker(run_state)
-                for first, lines, nbytes in chunks:
-                    for line in lines:
-                        digest.update(line)
-                    done(_encode_chunk(first, lines), nbytes)
+                # In this process: the tokenizer's own threads parallelise encode_batch.
+                saved = backend.encode_special_tokens
+                backend.encode_special_tokens = True
+                _W.clear()
+                _W.update(run_state, tok=backend)
+                try:
+                    for first, lines, nbytes in chunks:
+                        for line in lines:
+                            digest.update(line)
+                        done(_encode_chunk(first, lines), nbytes)
+                finally:
+                    backend.encode_special_tokens = saved
+                    _W.clear()
             else:
-                with mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers, _init_worker, (run_state,)) as pool:
+                if "fork" in mp.get_all_start_methods():
+                    _W.clear()
+                    _W.update(run_state, tok=backend, hf=tokenizer)  # inherited by the forked workers, never pickled
+                    pool = mp.get_context("fork").Pool(workers, _init_forked)
+                    job = None if fingerprint else pool.apply_async(_fingerprint_task)
+                else:
+                    pool = mp.get_context("spawn").Pool(
+                        workers, _init_spawned, ({**run_state, "tokenizer_json": backend.to_str()},))
+                    job = None
+                with pool:
                     inflight: deque = deque()
                     for first, lines, nbytes in chunks:
                         for line in lines:
@@ -469,8 +498,11 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
                     while inflight:
                         res, n = inflight.popleft()
                         done(res.get(), n)
+                    if job is not None:
+                        fingerprint.append(job.get())
         finally:
             bar.close()
+            _W.clear()
         return digest.hexdigest()
 
     try:
@@ -503,7 +535,7 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
 
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": name, "vocab_size": vocab_size, "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "tokenizer": {"name": name, "vocab_size": vocab_size, "fingerprint": fingerprint[0] if fingerprint else tokenizer_fingerprint(tokenizer)},
         "dtype": dtype,
         "seq_len": seq_len,
         "bos_id": bos,
