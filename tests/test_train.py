@@ -127,3 +127,15 @@ def test_multimodal_gemma3_trains_text_only_and_its_adapter_loads_on_that_class(
     assert isinstance(base, Gemma3ForConditionalGeneration)
     loaded = PeftModel.from_pretrained(base, out)
     assert any("lora_A" in n for n, _ in loaded.named_parameters())
+
+
+@pytest.mark.parametrize("embeddings", ["frozen", "full"])
+def test_chunked_head_loss_trains_like_the_plain_loss(tmp_path, tiny_data, embeddings):
+    common = {"max_steps": 2, "warmup_steps": 0}
+    plain_info, plain = run(tmp_path, tiny_data, f"plain-{embeddings}", train=common, lora={"embeddings": embeddings})
+    info, chunked = run(tmp_path, tiny_data, f"chunked-{embeddings}", train={**common, "loss_chunk_tokens": 16},
+                        lora={"embeddings": embeddings})
+    assert [x["loss"] for x in info["losses"]] == pytest.approx([x["loss"] for x in plain_info["losses"]], rel=1e-5)
+    a, b = adapter(plain), adapter(chunked)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -26,8 +26,9 @@ from korcpt.config import RunConfig, config_json, save_config
 from korcpt.errors import TrainingError
 from korcpt.log import get_logger, progress
 from korcpt.model.load import is_multimodal, load_model_and_tokenizer
-from korcpt.model.lora import apply_lora, count_parameters, embedding_parameters
+from korcpt.model.lora import NewTokenHead, apply_lora, count_parameters, embedding_parameters
 from korcpt.train import checkpoint as ckpt
+from korcpt.train.loss import causal_lm_loss
 from korcpt.train.metrics import Metrics, versions
 from korcpt.train.outputs import save_outputs
 
@@ -172,13 +173,47 @@ def model_inputs(model, batch: dict, cfg: RunConfig, device) -> dict:
     return kwargs
 
 
-def nll_sum(model, batch: dict, cfg: RunConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+class FinalHidden:
+    """Catches the final hidden states (the output of the decoder's last norm) during a forward, so the
+    loss can run over the output head in chunks (``train.loss_chunk_tokens``) while the model itself
+    computes logits for one position only (``logits_to_keep=1``)."""
+
+    def __init__(self, model):
+        base = getattr(model, "module", model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        self.base = base
+        self.value = None
+        self.handle = base.get_decoder().norm.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.value = output
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head as one [vocab, hidden] matrix (new-token rows spliced in when they train apart)."""
+        head = self.base.get_output_embeddings()
+        if isinstance(head, NewTokenHead):
+            rows = head._owner[0]
+            weight = head.base.weight
+            return torch.cat([weight[:rows.first], rows.rows.to(weight.dtype), weight[rows.first + rows.count:]])
+        return head.weight
+
+    def take(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        return value
+
+
+def nll_sum(model, batch: dict, cfg: RunConfig, device, hidden: FinalHidden | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token NLL (float32) and number of target tokens of one micro-batch."""
     labels = batch["labels"].to(device)
-    logits = model(**model_inputs(model, batch, cfg, device)).logits
-    # with train.loss_chunk_tokens the float32 copy of the logits is made one chunk at a time
-    chunk = cfg.train.loss_chunk_tokens or labels.numel()
-    return causal_lm_loss_from_logits(logits, labels, chunk)
+    inputs = model_inputs(model, batch, cfg, device)
+    if hidden is not None:
+        model(**inputs, logits_to_keep=1)
+        softcap = getattr(hidden.base.config.get_text_config(), "final_logit_softcapping", None)
+        return causal_lm_loss(hidden.take(), hidden.head_weight(), labels, chunk_tokens=cfg.train.loss_chunk_tokens,
+                              final_logit_softcapping=softcap)
+    logits = model(**inputs).logits
+    return causal_lm_loss_from_logits(logits, labels, labels.numel())
 
 
 def causal_lm_loss_from_logits(logits, labels, chunk):
@@ -197,7 +232,7 @@ def causal_lm_loss_from_logits(logits, labels, chunk):
 
 
 def train_step(model, optimizer, scheduler, accelerator, batches: Iterator[dict], cfg: RunConfig,
-               state: ckpt.TrainerState, trainable: list) -> dict:
+               state: ckpt.TrainerState, trainable: list, hidden: FinalHidden | None = None) -> dict:
     """Accumulate ``grad_accum`` micro-batches and take one optimizer step (or skip it if non-finite)."""
     micro = [next(batches) for _ in range(cfg.train.grad_accum)]
     local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
@@ -209,7 +244,7 @@ def train_step(model, optimizer, scheduler, accelerator, batches: Iterator[dict]
     finite = True
     for batch in micro:
         with accelerator.accumulate(model):
-            nll, _ = nll_sum(model, batch, cfg, accelerator.device)
+            nll, _ = nll_sum(model, batch, cfg, accelerator.device, hidden)
             finite &= bool(torch.isfinite(nll))
             accelerator.backward(nll * scale)
             loss_sum += nll.detach().double()
@@ -266,6 +301,18 @@ def evaluate(model, tokenizer, val_set, mcq, cfg: RunConfig, accelerator, with_m
     if was_training:
         model.train()
     return result
+
+
+def chunked_loss_hook(model, cfg: RunConfig, accelerator) -> FinalHidden | None:
+    """The chunked head loss needs the whole head weight outside the head's own forward, which ZeRO-3
+    has partitioned away: there the plain loss is used (its float32 copy still made chunk by chunk)."""
+    if not cfg.train.loss_chunk_tokens:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        log.warning("train.loss_chunk_tokens: the chunked head loss is not used under ZeRO-3 (partitioned head)")
+        return None
+    return FinalHidden(model)
 
 
 def load_mcq_for_run(cfg: RunConfig):
@@ -337,6 +384,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    hidden = chunked_loss_hook(model, cfg, accelerator)
 
     state = ckpt.TrainerState()
     ckpt_root = out_dir / "checkpoints"
@@ -362,7 +410,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     bar = progress(total=total_steps, initial=state.step, desc="train", unit="step")
     while state.step < total_steps:
         t0 = time.perf_counter()
-        result = train_step(model, optimizer, scheduler, accelerator, batches, cfg, state, trainable)
+        result = train_step(model, optimizer, scheduler, accelerator, batches, cfg, state, trainable, hidden)
         dt = time.perf_counter() - t0
         state.train_seconds += dt
         if not result["finite"]:
