@@ -16,3 +16,23 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     from tinyrun import build_tiny_data
 
     return build_tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory, tiny_data) -> Path:
+    """A tiny Gemma 3 saved as a pretrained directory with its tokenizer, so every run (ZeRO-3 init
+    included) starts from the same weights, and vocabulary extension has a base model to grow."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from korcpt.config import ModelConfig
+    from korcpt.model.load import build_random_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_data[0])
+    mcfg = ModelConfig(name=str(ROOT / "configs/models/tiny_gemma3.json"), random_init=True,
+                       attn_implementation="eager")
+    model = build_random_model(mcfg, len(tok), torch.float32, seed=5)
+    out = tmp_path_factory.mktemp("pretrained") / "tiny"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -28,24 +28,6 @@ LAUNCHERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def pretrained_tiny(tmp_path_factory, tiny_data) -> Path:
-    """A tiny Gemma 3 saved as a pretrained directory, so every run (ZeRO-3 init included) starts
-    from the same weights."""
-    from korcpt.config import ModelConfig
-    from korcpt.model.load import build_random_model
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_data[0])
-    mcfg = ModelConfig(name=str(ROOT / "configs/models/tiny_gemma3.json"), random_init=True,
-                       attn_implementation="eager")
-    model = build_random_model(mcfg, len(tok), torch.float32, seed=5)
-    out = tmp_path_factory.mktemp("pretrained") / "tiny"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def launch(tmp_path: Path, tiny_data, model_dir: Path, name: str, mode: str, embeddings: str) -> Path:
     tok, shards = tiny_data
     out = tmp_path / name

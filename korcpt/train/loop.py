@@ -456,8 +456,8 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     if final.get("val_loss") is not None:
         state.best_val_loss = min(final["val_loss"], state.best_val_loss or final["val_loss"])
     ckpt.save_checkpoint(accelerator, ckpt_root, state, {"config": cfg.to_dict()}, cfg.train.keep_last)
-    info = _training_info(cfg, state, final, stop_reason, trainable_n, total_n)
-    save_outputs(accelerator, model, tokenizer, cfg, info, new_ids)
+    info = {**_training_info(cfg, state, final, stop_reason, trainable_n, total_n), "new_tokens": len(new_ids)}
+    save_outputs(accelerator, model, tokenizer, cfg, info)
     metrics.close()
     accelerator.end_training()
     return info

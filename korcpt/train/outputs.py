@@ -82,12 +82,11 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
     config.save_pretrained(str(out_dir))
 
 
-def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict, new_ids: list[int]) -> None:
+def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict) -> None:
     """Adapter, tokenizer/ and training_info.json into output.dir (all ranks call; rank 0 writes)."""
     out_dir = Path(cfg.output.dir)
     save_adapter(accelerator, model, cfg, out_dir)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-        info = {**info, "new_tokens": len(new_ids)}
         write_json(out_dir / "training_info.json", info)
     accelerator.wait_for_everyone()
