@@ -486,8 +486,8 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
                     pool = mp.get_context("spawn").Pool(
                         workers, _init_spawned, ({**run_state, "tokenizer_json": backend.to_str()},))
                     job = None
-                with pool:
-                    inflight: deque = deque()
+                inflight: deque = deque()
+                try:
                     for first, lines, nbytes in chunks:
                         for line in lines:
                             digest.update(line)
@@ -500,6 +500,18 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
                         done(res.get(), n)
                     if job is not None:
                         fingerprint.append(job.get())
+                except Exception:
+                    # A bad line (DataError from a worker): let the few tasks in flight finish, then shut
+                    # down the ordinary way; Pool.terminate() can hang while workers sit on its queue.
+                    for res in [r for r, _ in inflight] + ([job] if job is not None else []):
+                        res.wait()
+                    raise
+                except BaseException:
+                    pool.terminate()  # interrupted: the workers may be gone, do not wait for them
+                    raise
+                finally:
+                    pool.close()
+                    pool.join()
         finally:
             bar.close()
             _W.clear()
@@ -553,6 +565,8 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
         from korcpt.shards.wds import export_webdataset
 
         manifest["webdataset"] = export_webdataset(out_dir, manifest)
+    if corpus_report is None and corpus_path.parent.resolve() == out_dir.resolve():
+        corpus_report = _previous_corpus_report(out_dir / REPORT)  # the corpus stage ran into this directory
     atomic_write_json(out_dir / REPORT, _report(manifest, per_source, corpus_report))
     atomic_write_json(out_dir / MANIFEST, manifest)
     elapsed = time.perf_counter() - t0
@@ -562,6 +576,14 @@ def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus
              f"{counts['train']['sequences']:,}", f"{counts['val']['sequences']:,}", elapsed,
              f"{total / max(elapsed, 1e-9):,.0f}", dtype)
     return manifest
+
+
+def _previous_corpus_report(path: Path) -> dict | None:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in report.items() if k != "tokens"} if isinstance(report, dict) else None
 
 
 def _report(manifest: dict, per_source: dict, corpus_report: dict | None) -> dict:

@@ -1,0 +1,39 @@
+"""Add webdataset tar shards to an existing shard directory (what `build_shards.py --format webdataset` does).
+
+    python tools/export_wds.py data/shards/full        # writes DIR/wds/{train,val}/shard-NNNNN.tar
+
+Each tar holds, per window, `<index>.tokens.npy` (seq_len + 1 ids) and `<index>.starts.npy` (document
+starts); never a pickle. The manifest is rewritten (atomically, last) to list the tars; train from them
+with korcpt.shards.WebDatasetStream over file:, pipe: or http(s): URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+from korcpt.cli import run_tool
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("directory", type=Path, help="shard directory (holds manifest.json)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the token shards first")
+    args = ap.parse_args(argv)
+    from korcpt.shards.format import MANIFEST, atomic_write_json, load_manifest
+    from korcpt.shards.reader import open_shards
+    from korcpt.shards.wds import export_webdataset
+
+    manifest = load_manifest(args.directory)
+    for split in ("train", "val"):
+        open_shards(args.directory, split, verify=not args.no_verify)
+    manifest["webdataset"] = export_webdataset(args.directory, manifest)
+    atomic_write_json(args.directory / MANIFEST, manifest)
+    print(f"wrote {len(manifest['webdataset'])} tar shards under {args.directory / 'wds'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_tool(main))
