@@ -111,6 +111,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Tokens per chunk of the cross-entropy over the output head (0: plain loss with full logits).
     loss_chunk_tokens: int = 0
+    # Dense peak TFLOP/s of one device for MFU (0: the datasheet value of a known GPU; no MFU on CPU).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -333,6 +335,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     need(t.keep_last >= 1, f"train.keep_last must be >= 1, found {t.keep_last}")
     need(t.log_steps >= 1, f"train.log_steps must be >= 1, found {t.log_steps}")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, found {t.max_bad_steps}")
+    need(t.peak_tflops >= 0, f"train.peak_tflops must be >= 0 (0 = look up the GPU), found {t.peak_tflops}")
     need(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens must be >= 0, found {t.loss_chunk_tokens}")
     need(lo.r >= 1, f"lora.r must be >= 1, found {lo.r}")
     need(lo.alpha > 0, f"lora.alpha must be > 0, found {lo.alpha}")

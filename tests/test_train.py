@@ -139,3 +139,19 @@ def test_chunked_head_loss_trains_like_the_plain_loss(tmp_path, tiny_data, embed
     a, b = adapter(plain), adapter(chunked)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_mcq_and_per_source_evaluation_during_training(tmp_path, tiny_data):
+    from korcpt.corpus.mcq import LETTERS
+
+    mcq = tmp_path / "mcq.jsonl"
+    rows = [{"question": f"질문 {i}번은 무엇인가?", **{k: f"보기 {k}{i}" for k in LETTERS}, "answer": 1 + i % 5,
+             "exam_type": "doctor" if i % 2 else "nurse"} for i in range(10)]
+    lines = [__import__("json").dumps(r, ensure_ascii=False) for r in rows] + ['{"question": "broken"', ""]
+    mcq.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    info, out = run(tmp_path, tiny_data, "mcq", train={"max_steps": 2}, eval={"steps": 0, "mcq_file": str(mcq)})
+    assert info["mcq_accuracy_baseline"] is not None and info["mcq_accuracy_final"] is not None
+    final = info["history"][-1]
+    assert final["mcq_n"] == 10 and final["mcq_skipped"] >= 1
+    assert set(final["mcq_by_group"]["exam_type"]) == {"doctor", "nurse"}
+    assert {"val_loss_korean", "val_loss_medical_dict"} <= set(final)

@@ -29,7 +29,7 @@ from korcpt.model.load import is_multimodal, load_model_and_tokenizer
 from korcpt.model.lora import NewTokenHead, apply_lora, count_parameters, embedding_parameters
 from korcpt.train import checkpoint as ckpt
 from korcpt.train.loss import causal_lm_loss
-from korcpt.train.metrics import Metrics, versions
+from korcpt.train.metrics import Metrics, model_flops_per_token, peak_tflops, versions
 from korcpt.train.outputs import save_outputs
 
 log = get_logger(__name__)
@@ -283,21 +283,24 @@ def evaluate(model, tokenizer, val_set, mcq, cfg: RunConfig, accelerator, with_m
                                     limit=cfg.eval.max_val_sequences)
             stream.load_state_dict({"seed": 0, "epoch": 0, "consumed": 0, "num_sequences": val_set.num_sequences})
             loader = torch.utils.data.DataLoader(stream, batch_size=cfg.eval.batch_size)
-            batches = ({**b, **model_inputs(model, b, cfg, accelerator.device),
-                        "labels": b["labels"].to(accelerator.device)} for b in loader)
-            ppl = evaluate_perplexity(model, batches, reduce=lambda t: accelerator.reduce(t, "sum"))
+            batches = (val_batch(model, b, val_set, cfg, accelerator.device) for b in loader)
+            ppl = evaluate_perplexity(model, batches, reduce=lambda t: accelerator.reduce(t, "sum"),
+                                      source_names=val_set.sources or None)
+            for name, part in ppl.get("by_source", {}).items():
+                result[f"val_loss_{name}"] = part["loss"]
             result.update(val_loss=ppl["loss"], val_ppl=ppl["ppl"], val_tokens=ppl["tokens"])
         if with_mcq and mcq is not None:
             from accelerate.utils import gather_object
 
             from korcpt.eval.mcq import score_mcq
 
-            items, fewshot = mcq
+            items, fewshot, skipped = mcq
             scored = score_mcq(model, tokenizer, items, mode=cfg.eval.mcq_mode, fewshot=fewshot,
                                shots=cfg.eval.mcq_shots, batch_size=cfg.eval.batch_size,
                                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                               gather=gather_object)
-            result.update(mcq_accuracy=scored["accuracy"], mcq_n=scored["n"])
+                               gather=gather_object, skipped=skipped)
+            result.update(mcq_accuracy=scored["accuracy"], mcq_n=scored["n"], mcq_skipped=scored["n_skipped"],
+                          mcq_ci95=scored["ci95"], mcq_by_group=scored["by_group"])
     if was_training:
         model.train()
     return result
@@ -315,6 +318,14 @@ def chunked_loss_hook(model, cfg: RunConfig, accelerator) -> FinalHidden | None:
     return FinalHidden(model)
 
 
+def val_batch(model, batch: dict, val_set, cfg: RunConfig, device) -> dict:
+    """A validation batch with model inputs, labels and, for per-source losses, each target's source."""
+    sources = torch.stack([torch.from_numpy(val_set.source_ids(int(i))[1:].astype("int64"))
+                           for i in batch["sample_id"]])
+    return {**batch, **model_inputs(model, batch, cfg, device), "labels": batch["labels"].to(device),
+            "token_source": sources.to(device)}
+
+
 def load_mcq_for_run(cfg: RunConfig):
     if not cfg.eval.mcq_file:
         return None
@@ -326,7 +337,7 @@ def load_mcq_for_run(cfg: RunConfig):
     if cfg.eval.mcq_max_questions:
         items = items[: cfg.eval.mcq_max_questions]
     fewshot = load_mcq(cfg.eval.mcq_fewshot_file)[0] if cfg.eval.mcq_fewshot_file else None
-    return items, fewshot
+    return items, fewshot, skipped
 
 
 def early_stop_reason(state: ckpt.TrainerState, result: dict, cfg: RunConfig) -> str | None:
@@ -385,6 +396,8 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
     hidden = chunked_loss_hook(model, cfg, accelerator)
+    flops_per_token = model_flops_per_token(model, trainable_n, train_set.seq_len)
+    peak = peak_tflops(cfg.train.peak_tflops)
 
     state = ckpt.TrainerState()
     ckpt_root = out_dir / "checkpoints"
@@ -427,8 +440,11 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
         state.losses.append({"step": state.step, "loss": result["loss"]})
         sample_log.write(f'{{"step": {state.step}, "ids": {result["sample_ids"]}}}\n')
         sample_log.flush()
+        per_device = result["tokens"] / dt / accelerator.num_processes
         if state.step % cfg.train.log_steps == 0:
             metrics.scalars(state.step, {
+                "train/tokens_per_sec_per_device": per_device,
+                "train/mfu": per_device * flops_per_token / (peak * 1e12) if peak else None,
                 "train/loss": result["loss"], "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": result["grad_norm"], "train/tokens_per_sec": result["tokens"] / dt,
                 "train/tokens_seen": state.tokens_seen,
@@ -456,7 +472,10 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     if final.get("val_loss") is not None:
         state.best_val_loss = min(final["val_loss"], state.best_val_loss or final["val_loss"])
     ckpt.save_checkpoint(accelerator, ckpt_root, state, {"config": cfg.to_dict()}, cfg.train.keep_last)
-    info = {**_training_info(cfg, state, final, stop_reason, trainable_n, total_n), "new_tokens": len(new_ids)}
+    info = _training_info(cfg, state, final, stop_reason, trainable_n, total_n)
+    per_device = info["tokens_per_sec"] / accelerator.num_processes
+    info.update(new_tokens=len(new_ids), flops_per_token=flops_per_token, tokens_per_sec_per_device=per_device,
+                peak_tflops=peak, mfu=per_device * flops_per_token / (peak * 1e12) if peak else None)
     save_outputs(accelerator, model, tokenizer, cfg, info)
     metrics.close()
     accelerator.end_training()
@@ -474,10 +493,13 @@ def _record_eval(state: ckpt.TrainerState, metrics: Metrics, step: int, result: 
         return
     entry = {"step": step, "val_loss": result.get("val_loss"), "val_ppl": result.get("val_ppl"),
              "mcq_accuracy": result.get("mcq_accuracy")}
+    entry.update({k: v for k, v in result.items() if k.startswith("val_loss_") or k.startswith("mcq_")})
     state.history.append(entry)
     metrics.scalars(step, {"val/loss": entry["val_loss"], "val/ppl": entry["val_ppl"],
-                           "eval/kormedmcqa_acc": entry["mcq_accuracy"]})
-    log.info("eval at step %d: %s", step, {k: v for k, v in entry.items() if v is not None})
+                           "eval/kormedmcqa_acc": entry["mcq_accuracy"],
+                           **{f"val/loss_{k[len('val_loss_'):]}": v for k, v in result.items()
+                              if k.startswith("val_loss_")}})
+    log.info("eval at step %d: %s", step, {k: v for k, v in entry.items() if v is not None and k != "mcq_by_group"})
 
 
 def _training_info(cfg: RunConfig, state: ckpt.TrainerState, final: dict, stop_reason: str,

@@ -55,3 +55,36 @@ def versions() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         out["git_revision"] = None
     return out
+
+
+# Dense bf16 peak of one device, in TFLOP/s (vendor datasheets, SXM parts, no sparsity).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def peak_tflops(configured: float) -> float | None:
+    """The configured peak, or the datasheet peak of this CUDA device; None on CPU (no MFU there)."""
+    import torch
+
+    if configured:
+        return configured
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def model_flops_per_token(model, trainable_params: int, seq_len: int) -> float:
+    """Model FLOPs per trained token of a LoRA run (recomputation by checkpointing not counted).
+
+    Convention: N = parameters the text forward multiplies with (the decoder, whose tied embedding
+    is the output head; the vision tower is excluded). Forward 2N, backward input-gradients 2N, weight
+    gradients only for what trains, 2 * trainable (a frozen base gets none), plus attention scores and
+    values 12 * layers * hidden * seq_len (PaLM's term: 4 forward, 8 backward, no causal halving).
+    """
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    decoder = base.get_decoder()
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in decoder.parameters())
+    text = base.config.get_text_config()
+    attention = 12 * text.num_hidden_layers * text.num_attention_heads * text.head_dim * seq_len
+    return 4.0 * n + 2.0 * trainable_params + attention
