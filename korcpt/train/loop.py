@@ -322,7 +322,9 @@ def val_batch(model, batch: dict, val_set, cfg: RunConfig, device) -> dict:
     """A validation batch with model inputs, labels and, for per-source losses, each target's source."""
     sources = torch.stack([torch.from_numpy(val_set.source_ids(int(i))[1:].astype("int64"))
                            for i in batch["sample_id"]])
-    return {**batch, **model_inputs(model, batch, cfg, device), "labels": batch["labels"].to(device),
+    # only what the training forward gets: restarting position_ids alone would make transformers
+    # mask attention per document during validation but not during training
+    return {**model_inputs(model, batch, cfg, device), "labels": batch["labels"].to(device),
             "token_source": sources.to(device)}
 
 
@@ -468,10 +470,12 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     sample_log.close()
 
     final = evaluate(model, tokenizer, val_set, mcq, cfg, accelerator, with_mcq=True)
+    # saved before the final evaluation is recorded: a run killed while writing its outputs resumes from
+    # this checkpoint, evaluates again and records it once (recorded here too, history held it twice)
+    ckpt.save_checkpoint(accelerator, ckpt_root, state, {"config": cfg.to_dict()}, cfg.train.keep_last)
     _record_eval(state, metrics, state.step, final)
     if final.get("val_loss") is not None:
         state.best_val_loss = min(final["val_loss"], state.best_val_loss or final["val_loss"])
-    ckpt.save_checkpoint(accelerator, ckpt_root, state, {"config": cfg.to_dict()}, cfg.train.keep_last)
     info = _training_info(cfg, state, final, stop_reason, trainable_n, total_n)
     per_device = info["tokens_per_sec"] / accelerator.num_processes
     info.update(new_tokens=len(new_ids), flops_per_token=flops_per_token, tokens_per_sec_per_device=per_device,
