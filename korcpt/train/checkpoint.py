@@ -18,6 +18,13 @@ from pathlib import Path
 
 from korcpt.errors import TrainingError
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors keep it in the Rust module only
+    from safetensors._safetensors_rust import SafetensorError
+
+# What a failed checkpoint write raises (see save_checkpoint).
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
 
@@ -78,10 +85,16 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, extra: dict, k
         if accelerator.is_main_process:
             payload = {"state": asdict(state), **extra}
             _write_json(tmp / STATE_FILE, payload)
-    except OSError as exc:
+    except _WRITE_ERRORS as exc:
+        # A full disk reaches us as OSError only from plain Python writes: torch.save raises RuntimeError
+        # ("PytorchStreamWriter failed writing file ...") and safetensors SafetensorError ("I/O error: No
+        # space left on device (os error 28)"). The half-written folder is removed to give the space back.
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip().splitlines() or [""])[0]
         raise TrainingError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); the previous checkpoint is intact"
-        ) from None
+            f"could not write checkpoint {final} ({detail or type(exc).__name__}); the previous checkpoint is intact"
+        ) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
