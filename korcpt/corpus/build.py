@@ -33,6 +33,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from korcpt.corpus.medical import RecordError, char_dict_text, medical_dict_text, mcq_text, parse_mcq
-from korcpt.corpus.readers import REJECT_REASONS, Record, Rejected, expand_inputs, input_bytes, iter_records
+from korcpt.corpus.readers import NON_UTF8, REJECT_REASONS, Record, Rejected, expand_inputs, input_bytes, iter_records
 from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, collapse_spaces, drop_reason, normalize_text
 from korcpt.corpus.wiki import clean_wiki, is_redirect
 from korcpt.errors import DataError
@@ -55,6 +56,7 @@ REPORT_NAME = "report.json"
 MAX_LISTED_REJECTS = 20
 MIN_EXCLUDE_CHARS = 20
 _BATCH = 64  # Korean records per task sent to a worker
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 log = get_logger(__name__)
 
@@ -322,6 +324,14 @@ def _consume(source: str, outcomes: Iterable[Outcome], counts: SourceCounts, spo
                 counts.rejects.append({"where": where, "reason": reason, "detail": detail})
         elif kind == "dropped":
             counts.dropped[outcome[2]] += 1
+        elif _LONE_SURROGATE.search(outcome[2]):
+            # valid JSON can spell a lone surrogate ("\ud800"), which no UTF-8 output can hold
+            detail = "text holds a lone surrogate escape (\\ud800-\\udfff), not encodable as UTF-8"
+            if strict:
+                raise DataError(f"{where}: non utf8: {detail}")
+            counts.rejected[NON_UTF8] += 1
+            if len(counts.rejects) < MAX_LISTED_REJECTS:
+                counts.rejects.append({"where": where, "reason": NON_UTF8, "detail": detail})
         else:
             counts.kept += 1  # until spool.duplicates() says otherwise
             spool.add(outcome[2], source, copies)

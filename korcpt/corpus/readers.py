@@ -193,6 +193,9 @@ def _iter_jsonl(path: Path) -> Iterator[Record | Rejected]:
             except json.JSONDecodeError as exc:
                 yield Rejected(where, MALFORMED_JSON, f"{exc.msg} at column {exc.colno}")
                 continue
+            except RecursionError:  # json's decoder recurses once per level: "[[[[..." 100,000 deep
+                yield Rejected(where, MALFORMED_JSON, "JSON nested too deeply")
+                continue
             yield Record(where, value)
     if not any_line:
         raise DataError(f"{path}: file holds no records")
@@ -260,6 +263,8 @@ def _iter_json_array(path: Path) -> Iterator[Record | Rejected]:
                     # an element cut by the read boundary looks malformed too: read on, up to a cap
                     if len(buf) - i > _MAX_ELEMENT_CHARS or not fill():
                         raise fail(exc.msg) from None
+                except RecursionError:  # the element's end is unknown, so the array cannot go on
+                    raise fail("an element is nested too deeply") from None
             where, segment = f"{path}:{line}", buf[i:end]
             line += segment.count("\n")
             i, count, expect_value = end, count + 1, False
