@@ -206,9 +206,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader) or {}
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, found {type(raw).__name__}")
     problems: list[str] = []
@@ -219,9 +223,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
             problems.append(f"override {item!r}: expected section.key=value")
             continue
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            parsed = value
+            parsed = yaml.load(value, Loader=_SafeLoader) if value.strip() else ""
+        except (yaml.YAMLError, RecursionError):
+            parsed = value  # kept as text: the field's type check then names the key
         sub = raw.setdefault(section, {})
         if isinstance(sub, dict):
             sub[name] = parsed
@@ -233,6 +237,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
         where = f" in {source}" if source else ""
         raise ConfigError(f"{len(problems)} problem(s){where}: " + "; ".join(problems))
     return cfg
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose failing scalar constructors raise a YAML error with a position.
+
+    SafeLoader raises a bare ValueError for a scalar it resolves but cannot build: ``2001-02-30``
+    (a timestamp), ``!!int abc``, ``!!float x``.
+    """
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {getattr(node, 'value', '')!r} ({exc})", node.start_mark) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where (line and column, 1-based) and what PyYAML found wrong."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
+    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + " ".join(str(problem).split())
 
 
 def _build(raw: dict[str, Any], source: str, problems: list[str]) -> RunConfig:
@@ -256,7 +282,8 @@ def _build_section(section: str, cls: type, values: dict[str, Any], problems: li
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=2, cutoff=0.6)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            problems.append(f"unknown key {section}.{key}{hint}")
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)  # keep the message one line
+            problems.append(f"unknown key {section}.{shown}{hint}")
             continue
         try:
             kwargs[key] = _coerce(value, hints[key])
