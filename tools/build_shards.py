@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             max_samples=args.max_samples, min_chars=args.min_chars, min_hangul_ratio=args.min_hangul_ratio,
             strict=args.strict, workers=args.workers,
         )
+        # A manifest from an earlier build would declare its shards complete beside the corpus about to
+        # replace theirs: remove it first, as write_shards does before touching any shard.
+        (args.out / "manifest.json").unlink(missing_ok=True)
         corpus_report = build_corpus(opts, args.out)
         corpus_path = args.out / "raw_text_mixed.jsonl"
         log.info("corpus: %s", corpus_path)
