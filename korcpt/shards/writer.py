@@ -152,7 +152,7 @@ def _encode_chunk(first_line: int, lines: list[bytes]) -> dict:
         lineno = first_line + k
         try:
             obj = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply for the decoder
             raise DataError(f"{w['path']}:{lineno}: not valid JSON ({exc})") from None
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):
