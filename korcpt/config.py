@@ -206,11 +206,12 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, che
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader) or {}
+            text = path.read_text(encoding="utf-8")
+            raw = yaml.load(text, Loader=_SafeLoader) or {}
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc, text)}") from None
         except RecursionError:
             raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
         if not isinstance(raw, dict):
@@ -254,11 +255,21 @@ class _SafeLoader(yaml.SafeLoader):
                 None, None, f"cannot read {getattr(node, 'value', '')!r} ({exc})", node.start_mark) from None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
     """One line: where (line and column, 1-based) and what PyYAML found wrong."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["unreadable"])[0]
-    return (f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + " ".join(str(problem).split())
+    if mark is not None:
+        where = f"line {mark.line + 1}, column {mark.column + 1}: "
+    elif isinstance(getattr(exc, "position", None), int):  # a ReaderError (control character) has a position only
+        where = f"line {text.count(chr(10), 0, exc.position) + 1}: "
+    else:
+        where = ""
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and (mark is None or start.line != mark.line):
+        # e.g. an unclosed quote is found at the end of the file; say where it was opened
+        problem = f"{problem} ({context} at line {start.line + 1}, column {start.column + 1})"
+    return where + " ".join(str(problem).split())
 
 
 def _build(raw: dict[str, Any], source: str, problems: list[str]) -> RunConfig:
