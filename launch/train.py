@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from korcpt.train.loop import train
 
     info = train(cfg, resume=args.resume)
+    if info["stop_reason"].startswith("non_finite"):
+        from korcpt.errors import TrainingError
+
+        # the weights saved are those of the last good step (bad steps are never applied)
+        raise TrainingError(f"training stopped at step {info['steps']}: {info['stop_reason']}")
     from korcpt.log import is_main_process
 
     if is_main_process():
