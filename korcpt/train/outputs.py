@@ -48,7 +48,7 @@ def adapter_state(accelerator, model, cfg: RunConfig) -> tuple[dict[str, torch.T
     unwrapped = accelerator.unwrap_model(model)
     full = gathered_trainable_state(accelerator, model)
     lora = {k: v for k, v in full.items() if "lora_" in k}
-    state = get_peft_model_state_dict(unwrapped, state_dict=lora)
+    state = get_peft_model_state_dict(unwrapped, state_dict=lora, save_embedding_layers=False)  # rows: below
     base = unwrapped.get_base_model()
     vocab = base.get_input_embeddings().weight.shape[0] if not hasattr(base.get_input_embeddings().weight, "ds_shape") \
         else base.get_input_embeddings().weight.ds_shape[0]
