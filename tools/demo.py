@@ -9,7 +9,6 @@ Sizes (sequence length, vocabulary extension, steps) are set for about 10 minute
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

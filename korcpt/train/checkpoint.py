@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from korcpt.errors import TrainingError
+from korcpt.shards.format import atomic_write_json
 
 try:
     from safetensors import SafetensorError
@@ -84,7 +85,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, extra: dict, k
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             payload = {"state": asdict(state), **extra}
-            _write_json(tmp / STATE_FILE, payload)
+            atomic_write_json(tmp / STATE_FILE, payload)
     except _WRITE_ERRORS as exc:
         # A full disk reaches us as OSError only from plain Python writes: torch.save raises RuntimeError
         # ("PytorchStreamWriter failed writing file ...") and safetensors SafetensorError ("I/O error: No
@@ -112,15 +113,3 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainerState, dict]:
     accelerator.load_state(str(path))
     state = TrainerState(**payload.pop("state"))
     return state, payload
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, ensure_ascii=False, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-write_json = _write_json

@@ -13,7 +13,7 @@ import torch
 
 from korcpt.config import RunConfig
 from korcpt.model.lora import trained_rows
-from korcpt.train.checkpoint import write_json
+from korcpt.shards.format import atomic_write_json
 
 
 def gathered_trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
@@ -88,5 +88,5 @@ def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict) -> N
     save_adapter(accelerator, model, cfg, out_dir)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-        write_json(out_dir / "training_info.json", info)
+        atomic_write_json(out_dir / "training_info.json", info)
     accelerator.wait_for_everyone()
