@@ -69,9 +69,9 @@ def build_random_model(mcfg: ModelConfig, vocab_size: int, dtype: torch.dtype, s
     text_config.vocab_size = padded_vocab(vocab_size)
     config._attn_implementation = mcfg.attn_implementation
     torch.manual_seed(seed)
-    cls = Gemma3ForConditionalGeneration if config.model_type == "gemma3" else AutoModelForCausalLM
-    model = cls._from_config(config, dtype=dtype) if cls is not AutoModelForCausalLM else cls.from_config(config, dtype=dtype)
-    return model
+    if config.model_type == "gemma3":  # multimodal: no Auto*ForCausalLM builds it
+        return Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def load_pretrained(mcfg: ModelConfig, dtype: torch.dtype):

@@ -18,17 +18,12 @@ written as PEFT trainable tokens (``trainable_token_indices``: the new ids, or e
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from korcpt.config import LoraConfig
 from korcpt.model.load import is_multimodal
-
-_LANGUAGE_MODEL = re.compile(r"(^|\.)(language_model|model)(\.|$)")
-
 
 def language_model_linear_names(model: nn.Module) -> list[str]:
     """Names of every linear projection of the language model (vision tower, projector and head excluded)."""
