@@ -20,3 +20,19 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy a process group the run left open (an error path, or a tool that never ends one).
+
+    A process that exits with its gloo/NCCL group alive can abort during interpreter shutdown
+    ('terminate called without an active exception', pytorch/pytorch#190489) and turn exit 2 into SIGABRT.
+    """
+    if "torch" not in sys.modules:  # never import torch just to find nothing to close
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -326,6 +326,10 @@ def _distributed_worker(tmp: str) -> None:
                               gather=gather_object)
     if accelerator.is_main_process:
         (Path(tmp) / "two.json").write_text(json.dumps(out))
+    # both ranks leave together: a rank exiting while gloo threads still serve the other aborted in CI
+    # ('terminate called without an active exception')
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 @pytest.mark.slow

@@ -140,6 +140,8 @@ def _distributed_worker(model_dir: str, out: str) -> None:
     if accelerator.is_main_process:
         Path(out).write_text(json.dumps({"world_size": accelerator.num_processes, "result": result,
                                          "local_tokens": local["tokens"]}))
+    accelerator.wait_for_everyone()  # leave together (see test_eval_mcq's worker)
+    accelerator.end_training()
 
 
 @pytest.mark.slow

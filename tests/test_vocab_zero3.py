@@ -61,6 +61,8 @@ def _worker(model_dir: str, base_dir: str, new_dir: str, out: str) -> None:
     if engine.global_rank == 0:
         torch.save({"weight": full, "vocab_size": inner.config.vocab_size, "ids": ids, "big": big_full,
                     "world_size": engine.world_size, "local_numel": emb.ds_tensor.numel()}, out)
+    torch.distributed.barrier()  # leave together (see test_eval_mcq's worker)
+    torch.distributed.destroy_process_group()
 
 
 def test_zero3_resize_matches_one_process(tmp_path):
