@@ -108,8 +108,37 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, extra: dict, k
 
 
 def load_checkpoint(accelerator, path: Path) -> tuple[TrainerState, dict]:
-    """Restore the training state saved by :func:`save_checkpoint`."""
+    """Restore the training state saved by :func:`save_checkpoint`.
+
+    Raises:
+        TrainingError: a file of the checkpoint is missing, damaged or refused (a pickle with a payload),
+            naming the checkpoint, instead of torch's traceback.
+    """
     payload = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    accelerator.load_state(str(path))
+    _check_rng_state(path / f"random_states_{accelerator.process_index}.pkl")
+    try:
+        accelerator.load_state(str(path))
+    # torch's weights-only unpickler refusing a payload raises UnpicklingError, a truncated file
+    # RuntimeError or EOFError, a missing one OSError: all mean this checkpoint cannot be restored
+    except Exception as exc:  # noqa: BLE001 - the message keeps the type and first line of the cause
+        raise TrainingError(f"checkpoint {path} cannot be restored ({_first_line(exc)}); "
+                            f"resume from an older one with --resume PATH") from exc
     state = TrainerState(**payload.pop("state"))
     return state, payload
+
+
+def _check_rng_state(path: Path) -> None:
+    """Read this rank's RNG state as Accelerate will: Accelerate skips a file it cannot read with an info
+    log, and the resumed run would silently stop being the uninterrupted one."""
+    from accelerate.utils import load
+
+    try:
+        load(path)
+    except Exception as exc:  # noqa: BLE001 - exactly what Accelerate would swallow
+        raise TrainingError(f"checkpoint {path.parent} cannot be restored: {path.name} is unreadable "
+                            f"({_first_line(exc)}); resume from an older one with --resume PATH") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__

@@ -7,6 +7,7 @@ public reports end up with empty or zero-shaped adapters. Only the trainable par
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -77,9 +78,11 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
         config.trainable_token_indices = {"embed_tokens": ids}
     config.base_model_name_or_path = cfg.model.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
     config.save_pretrained(str(out_dir))
+    # written beside and renamed: a run killed mid-write never leaves a truncated adapter behind
+    tmp = out_dir / ".adapter_model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / "adapter_model.safetensors")
 
 
 def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict) -> None:
