@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from korcpt.errors import KorcptError
@@ -22,6 +24,17 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         return 130
     finally:
         _close_process_group()
+
+
+def emit_report(report: dict, out: Path | None, summary: str) -> None:
+    """A tool's result: ``summary`` on stderr; the JSON report to ``out``, or to stdout without one."""
+    text = json.dumps(report, ensure_ascii=False, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    print(summary, file=sys.stderr)
+    if not out:
+        print(text)
 
 
 def _close_process_group() -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from korcpt.errors import DataError
@@ -122,38 +118,6 @@ def test_symlink_out_of_the_directory_is_refused(copy, tmp_path):
     shutil.move(target, outside)
     target.symlink_to(outside)
     expect_error(directory, "outside the shard directory", verify=False)
-
-
-def _tar(path: Path, members: dict[str, bytes]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return f"file:{path}"
-
-
-class _Boom:
-    def __reduce__(self):
-        return (Path.touch, (Path(os.environ["KORCPT_TEST_CANARY"]),))
-
-
-def test_webdataset_pickle_members_are_refused_never_decoded(tmp_path, monkeypatch):
-    canary = tmp_path / "unpickled"
-    monkeypatch.setenv("KORCPT_TEST_CANARY", str(canary))
-    npy = io.BytesIO()
-    np.save(npy, np.arange(9, dtype=np.uint16))
-    for ext in ("pyd", "pickle", "pth"):
-        url = _tar(tmp_path / f"bad-{ext}.tar", {"0000000000.tokens.npy": npy.getvalue(),
-                                                 f"0000000000.starts.{ext}": pickle.dumps(_Boom())})
-        with pytest.raises(DataError, match=f"0000000000.starts.{ext} is a pickle"):
-            list(WebDatasetStream([url], num_sequences=1))
-    obj = io.BytesIO()
-    np.save(obj, np.array([_Boom()], dtype=object), allow_pickle=True)
-    url = _tar(tmp_path / "object.tar", {"0000000000.tokens.npy": obj.getvalue(), "0000000000.starts.npy": npy.getvalue()})
-    with pytest.raises(DataError, match="not a plain .npy array"):
-        list(WebDatasetStream([url], num_sequences=1))
-    assert not canary.exists()
 
 
 def test_webdataset_pipe_url(pristine):

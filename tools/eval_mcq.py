@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import run_tool
+from korcpt.cli import emit_report, run_tool
 from korcpt.errors import DataError
 
 
@@ -77,15 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.predictions, "w", encoding="utf-8") as fh:
             for p in predictions:
                 fh.write(json.dumps(p, ensure_ascii=False) + "\n")
-    text = json.dumps(report, ensure_ascii=False, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
     low, high = report["ci95"]
-    print(f"{args.mode} accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, chance 0.20) "
-          f"on {report['n']} questions, {report['n_skipped']} skipped, {args.shots}-shot", file=sys.stderr)
-    if not args.out:
-        print(text)
+    emit_report(report, args.out, f"{args.mode} accuracy {report['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, "
+                f"chance 0.20) on {report['n']} questions, {report['n_skipped']} skipped, {args.shots}-shot")
     return 0
 
 

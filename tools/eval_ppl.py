@@ -11,13 +11,11 @@ in stored order, the same ones the trainer scores with eval.max_val_sequences.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import run_tool
+from korcpt.cli import emit_report, run_tool
 from korcpt.errors import DataError
 
 
@@ -75,14 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_perplexity(model, val_batches(shards, args.max_val_sequences, args.batch_size),
                                  source_names=shards.sources or None)
     result.update(model=args.model, adapter=str(args.adapter) if args.adapter else None, shards=str(args.shards))
-    text = json.dumps(result, ensure_ascii=False, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(f"val loss {result['loss']:.4f}, ppl {result['ppl']:.3f} on {result['tokens']} tokens "
-          f"({result['sequences']} sequences)", file=sys.stderr)
-    if not args.out:
-        print(text)
+    emit_report(result, args.out, f"val loss {result['loss']:.4f}, ppl {result['ppl']:.3f} on {result['tokens']} "
+                f"tokens ({result['sequences']} sequences)")
     return 0
 
 

@@ -74,6 +74,20 @@ def test_webdataset_pickle_members_are_refused_never_decoded(tmp_path, ext, tall
     tally.add("hostile files", faults_injected=1, bad_inputs=1)
 
 
+def test_webdataset_object_array_npy_is_refused_never_unpickled(tmp_path, tally):
+    marker = tmp_path / "unpickled"
+    obj, starts = io.BytesIO(), io.BytesIO()
+    np.save(obj, np.array([_Payload(marker)], dtype=object), allow_pickle=True)  # a .npy that holds a pickle
+    np.save(starts, np.zeros(1, dtype=np.uint32))
+    url = _tar(tmp_path / "object.tar", {"0000000000.tokens.npy": obj.getvalue(),
+                                         "0000000000.starts.npy": starts.getvalue()})
+    with pytest.raises(DataError, match="0000000000.tokens.npy is not a plain .npy array"):
+        list(WebDatasetStream([url], num_sequences=1))
+    print("[injected] webdataset member 0000000000.tokens.npy (object array with a payload) -> refused")
+    assert not marker.exists()
+    tally.add("hostile files", faults_injected=1, bad_inputs=1)
+
+
 def _calls(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
