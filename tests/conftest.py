@@ -36,3 +36,27 @@ def pretrained_tiny(tmp_path_factory, tiny_data) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def extended_tiny(tmp_path_factory, pretrained_tiny) -> tuple[Path, Path]:
+    """(tokenizer_dir, shard_dir): pretrained_tiny's tokenizer extended with 40 tokens learned from the
+    synthetic corpus, and shards of that corpus built with it (for ``lora.embeddings: new_tokens``)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from korcpt.shards.writer import ShardOptions, write_shards
+    from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
+    from tinyrun import synthetic_corpus
+
+    root = tmp_path_factory.mktemp("extended")
+    corpus = synthetic_corpus(root / "corpus.jsonl")
+    base = AutoTokenizer.from_pretrained(pretrained_tiny)
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    tok_dir = root / "tokenizer"
+    build_extended_tokenizer(base, learn_extension(base, texts, max_new_tokens=40), tok_dir)
+    shards = root / "shards"
+    write_shards(corpus, shards, ShardOptions(tokenizer=str(tok_dir), seq_len=64, val_fraction=0.1,
+                                              shard_tokens=4096, seed=1, workers=1))
+    return tok_dir, shards

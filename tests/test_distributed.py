@@ -28,15 +28,22 @@ LAUNCHERS = {
 }
 
 
-def launch(tmp_path: Path, tiny_data, model_dir: Path, name: str, mode: str, embeddings: str) -> Path:
-    tok, shards = tiny_data
+# Each embedding mode with the loss it is run with: the plain loss (full logits) and the chunked head
+# loss (train.loss_chunk_tokens, a module of the model that ZeRO-3 gathers the head for), and
+# new_tokens on an extended tokenizer, the mode whose own rows and head must train under ZeRO-3.
+CASES = {"frozen": 0, "full": 16, "new_tokens": 16}
+
+
+def launch(tmp_path: Path, data, model_dir: Path, name: str, mode: str, embeddings: str) -> Path:
+    tok, shards = data
     out = tmp_path / name
     cfg = run_config(tmp_path / f"{name}.yaml", tok, shards, out,
-                     model={"name": str(model_dir), "tokenizer": "", "random_init": False},
+                     model={"name": str(model_dir), "tokenizer": str(tok) if embeddings == "new_tokens" else "",
+                            "random_init": False},
                      lora={"embeddings": embeddings},
                      # the same global batch (4 sequences) in both: 1 x 4 on one process, 1 x 2 on each of two
                      train={"max_steps": 3, "micro_batch_size": 1, "grad_accum": 4 if mode == "one" else 2,
-                            "warmup_steps": 0},
+                            "warmup_steps": 0, "loss_chunk_tokens": CASES[embeddings]},
                      eval={"steps": 0, "max_val_sequences": 8, "batch_size": 2})
     env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     if mode == "one":
@@ -50,17 +57,20 @@ def launch(tmp_path: Path, tiny_data, model_dir: Path, name: str, mode: str, emb
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("embeddings", ["frozen", "full"])
-def test_one_process_ddp_zero2_zero3_agree(tmp_path, tiny_data, pretrained_tiny, embeddings):
-    runs = {mode: launch(tmp_path, tiny_data, pretrained_tiny, f"{mode}-{embeddings}", mode, embeddings)
+@pytest.mark.parametrize("embeddings", list(CASES))
+def test_one_process_ddp_zero2_zero3_agree(tmp_path, request, pretrained_tiny, embeddings):
+    data = request.getfixturevalue("extended_tiny" if embeddings == "new_tokens" else "tiny_data")
+    runs = {mode: launch(tmp_path, data, pretrained_tiny, f"{mode}-{embeddings}", mode, embeddings)
             for mode in ("one", "ddp", "zero2", "zero3")}
     info = {m: json.loads((out / "training_info.json").read_text()) for m, out in runs.items()}
     ref = [x["loss"] for x in info["one"]["losses"]]
     assert len(ref) == 3
     ref_adapter = load_file(str(runs["one"] / "adapter_model.safetensors"))
     assert any("lora_A" in k for k in ref_adapter)
-    if embeddings == "full":
+    if embeddings != "frozen":
         assert any("trainable_tokens_delta" in k for k in ref_adapter)
+    if embeddings == "new_tokens":
+        assert info["one"]["new_tokens"] == 40
     for mode in ("ddp", "zero2", "zero3"):
         assert info[mode]["world_size"] == 2
         losses = [x["loss"] for x in info[mode]["losses"]]

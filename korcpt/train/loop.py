@@ -173,33 +173,71 @@ def model_inputs(model, batch: dict, cfg: RunConfig, device) -> dict:
     return kwargs
 
 
-class FinalHidden:
-    """Catches the final hidden states (the output of the decoder's last norm) during a forward, so the
-    loss can run over the output head in chunks (``train.loss_chunk_tokens``) while the model itself
-    computes logits for one position only (``logits_to_keep=1``)."""
+class HeadLoss(torch.nn.Module):
+    """The chunked head loss (``train.loss_chunk_tokens``) as a module of the model.
 
-    def __init__(self, model):
-        base = getattr(model, "module", model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        self.base = base
-        self.value = None
-        self.handle = base.get_decoder().norm.register_forward_hook(self._keep)
+    It reads the output head outside the head's own forward. DeepSpeed ZeRO-3 gathers a partitioned
+    parameter only around the forward and backward of a module that owns or declares it, so the head
+    weight (and the new-token rows) are declared to this module as external parameters, and the module
+    is attached to the model before ``accelerator.prepare`` (:func:`attach_head_loss`) so that the
+    engine hooks it like any layer.
+    """
 
-    def _keep(self, module, inputs, output) -> None:
-        self.value = output
+    def __init__(self, base, chunk_tokens: int):
+        super().__init__()
+        self._base = [base]  # a list keeps the model out of this module's children
+        self.chunk_tokens = chunk_tokens
+        self.softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        head = base.get_output_embeddings()
+        params = [head.base.weight, head._owner[0].rows] if isinstance(head, NewTokenHead) else [head.weight]
+        try:
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+        except ImportError:  # no DeepSpeed, no partitioning: nothing to declare
+            return
+        for param in params:
+            register_external_parameter(self, param)
 
     def head_weight(self) -> torch.Tensor:
         """The output head as one [vocab, hidden] matrix (new-token rows spliced in when they train apart)."""
-        head = self.base.get_output_embeddings()
+        head = self._base[0].get_output_embeddings()
         if isinstance(head, NewTokenHead):
             rows = head._owner[0]
             weight = head.base.weight
             return torch.cat([weight[:rows.first], rows.rows.to(weight.dtype), weight[rows.first + rows.count:]])
         return head.weight
 
-    def take(self) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return causal_lm_loss(hidden, self.head_weight(), labels, chunk_tokens=self.chunk_tokens,
+                              final_logit_softcapping=self.softcap)
+
+
+class FinalHidden:
+    """Catches the final hidden states (the output of the decoder's last norm) during a forward, so the
+    loss can run over the output head in chunks (:class:`HeadLoss`) while the model itself computes
+    logits for one position only (``logits_to_keep=1``).
+
+    Build it after ``accelerator.prepare``: under ZeRO-3 the norm's output must be caught after the
+    engine's own forward hook has wrapped it, or the norm's backward runs without its gathered weight.
+    """
+
+    def __init__(self, model, loss: HeadLoss):
+        base = getattr(model, "module", model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        self.loss = loss
+        self.value = None
+        self.handle = base.get_decoder().norm.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.value = output
+
+    def nll_sum(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value, self.value = self.value, None
-        return value
+        return self.loss(value, labels)
+
+
+def nll_sum(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        value, self.value = self.value, None
+        return self.loss(value, labels)
 
 
 def nll_sum(model, batch: dict, cfg: RunConfig, device, hidden: FinalHidden | None = None
@@ -209,9 +247,7 @@ def nll_sum(model, batch: dict, cfg: RunConfig, device, hidden: FinalHidden | No
     inputs = model_inputs(model, batch, cfg, device)
     if hidden is not None:
         model(**inputs, logits_to_keep=1)
-        softcap = getattr(hidden.base.config.get_text_config(), "final_logit_softcapping", None)
-        return causal_lm_loss(hidden.take(), hidden.head_weight(), labels, chunk_tokens=cfg.train.loss_chunk_tokens,
-                              final_logit_softcapping=softcap)
+        return hidden.nll_sum(labels)
     logits = model(**inputs).logits
     return causal_lm_loss_from_logits(logits, labels, labels.numel())
 
@@ -306,16 +342,16 @@ def evaluate(model, tokenizer, val_set, mcq, cfg: RunConfig, accelerator, with_m
     return result
 
 
-def chunked_loss_hook(model, cfg: RunConfig, accelerator) -> FinalHidden | None:
-    """The chunked head loss needs the whole head weight outside the head's own forward, which ZeRO-3
-    has partitioned away: there the plain loss is used (its float32 copy still made chunk by chunk)."""
+def attach_head_loss(model, cfg: RunConfig) -> HeadLoss | None:
+    """The chunked head loss when ``train.loss_chunk_tokens`` asks for it, attached to the model as a
+    module (it holds no parameters, so state dicts are unchanged). Call before ``accelerator.prepare``:
+    the DeepSpeed engine hooks the modules it finds there."""
     if not cfg.train.loss_chunk_tokens:
         return None
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        log.warning("train.loss_chunk_tokens: the chunked head loss is not used under ZeRO-3 (partitioned head)")
-        return None
-    return FinalHidden(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    loss = HeadLoss(base, cfg.train.loss_chunk_tokens)
+    base.add_module("korcpt_head_loss", loss)
+    return loss
 
 
 def val_batch(model, batch: dict, val_set, cfg: RunConfig, device) -> dict:
@@ -395,9 +431,10 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
             "lower train.grad_accum or set train.max_steps"
         )
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    head_loss = attach_head_loss(model, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    hidden = FinalHidden(model, head_loss) if head_loss is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    hidden = chunked_loss_hook(model, cfg, accelerator)
     flops_per_token = model_flops_per_token(model, trainable_n, train_set.seq_len)
     peak = peak_tflops(cfg.train.peak_tflops)
 
