@@ -18,24 +18,19 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import emit_report, run_tool
+from korcpt.cli import add_model_arguments, emit_report, run_tool
 from korcpt.errors import DataError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="preset (gemma3-270m, medgemma-4b, ...), model directory, .gguf or hub id")
-    ap.add_argument("--adapter", type=Path, help="trained adapter directory (its tokenizer/ is used when present)")
-    ap.add_argument("--tokenizer", help="tokenizer directory or preset (default: ADAPTER/tokenizer, else the model's)")
+    add_model_arguments(ap)
     ap.add_argument("--data", type=Path, required=True, help="KorMedMCQA JSONL (question, A..E, answer 1-based)")
     ap.add_argument("--fewshot", type=Path, help="few-shot examples in the same format (default pool: --data itself)")
     ap.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (0..5, default 0)")
     ap.add_argument("--mode", choices=["letter", "choice"], default="letter", help="scoring mode (default letter)")
     ap.add_argument("--max-questions", type=int, default=0, help="score only the first N valid questions (0: all)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                    help="auto: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda if available)")
     ap.add_argument("--out", type=Path, help="write the report (without per-question predictions) as JSON here")
     ap.add_argument("--predictions", type=Path, help="write one JSON line per question here")
     args = ap.parse_args(argv)
@@ -46,9 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from korcpt.eval.loading import load_for_eval
+    from korcpt.eval.loading import load_from_arguments
     from korcpt.eval.mcq import load_mcq, score_mcq
     from korcpt.log import get_logger
 
@@ -61,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         fewshot, few_skipped = load_mcq(args.fewshot)
         for message in few_skipped[:10]:
             log.warning("few-shot skipped %s", message)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype,
-                                     device=device)
+    model, tokenizer = load_from_arguments(args)
     start = time.perf_counter()
     report = score_mcq(model, tokenizer, items, mode=args.mode, fewshot=fewshot, shots=args.shots,
                        batch_size=args.batch_size, max_questions=args.max_questions, skipped=skipped)

@@ -15,21 +15,16 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import emit_report, run_tool
+from korcpt.cli import add_model_arguments, emit_report, run_tool
 from korcpt.errors import DataError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="preset (gemma3-270m, medgemma-4b, ...), model directory, .gguf or hub id")
-    ap.add_argument("--adapter", type=Path, help="trained adapter directory (its tokenizer/ is used when present)")
-    ap.add_argument("--tokenizer", help="tokenizer directory or preset (default: ADAPTER/tokenizer, else the model's)")
+    add_model_arguments(ap)
     ap.add_argument("--shards", type=Path, required=True, help="shard directory written by tools/build_shards.py")
     ap.add_argument("--max-val-sequences", type=int, default=0, help="first N validation sequences only (0: all)")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                    help="auto: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda if available)")
     ap.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of every shard (sizes still checked)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     return ap.parse_args(argv)
@@ -56,16 +51,12 @@ def val_batches(shards, max_sequences: int, batch_size: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    from korcpt.eval.loading import load_for_eval
+    from korcpt.eval.loading import load_from_arguments
     from korcpt.eval.perplexity import evaluate_perplexity
     from korcpt.shards import tokenizer_fingerprint
     from korcpt.shards.reader import open_shards
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype,
-                                     device=device)
+    model, tokenizer = load_from_arguments(args)
     shards = open_shards(args.shards, "val", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                          verify=not args.no_verify)
     if shards.num_sequences == 0:

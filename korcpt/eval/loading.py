@@ -9,6 +9,7 @@ and initialised the way the trainer did before the adapter (LoRA and trained tok
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -17,6 +18,12 @@ from korcpt.errors import ModelError
 from korcpt.log import get_logger
 
 log = get_logger(__name__)
+
+
+def load_from_arguments(args: argparse.Namespace):
+    """:func:`load_for_eval` with the options of :func:`korcpt.cli.add_model_arguments`."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype, device=device)
 
 
 def adapter_tokenizer_dir(adapter: str | Path | None) -> Path | None:
