@@ -235,11 +235,6 @@ class FinalHidden:
         return self.loss(value, labels)
 
 
-def nll_sum(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value, self.value = self.value, None
-        return self.loss(value, labels)
-
-
 def nll_sum(model, batch: dict, cfg: RunConfig, device, hidden: FinalHidden | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token NLL (float32) and number of target tokens of one micro-batch."""
