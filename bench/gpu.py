@@ -78,10 +78,6 @@ from bench_train import RESULT_TAG, run_worker, write_run_config  # noqa: E402
 GEMMA3_TOKENS = 262_144
 SPEC_VOCAB = 282_738  # the spec's extended vocabulary
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
-PEAK_BF16 = [  # (substring of torch.cuda.get_device_name(), dense bf16 FLOP/s), first match wins
-    ("H200", 989.4e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12),
-    ("H800", 989.4e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12),
-]
 
 
 # ---------------------------------------------------------------- inputs
@@ -210,12 +206,11 @@ def flops_per_token(arch: dict, vocab_rows: int, seq_len: int, r: int, new_rows:
 
 
 def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    for key, value in PEAK_BF16:
-        if device_name and key in device_name:
-            return value
-    return None
+    """FLOP/s: --peak-tflops, else the datasheet table the trainer's MFU uses (korcpt.train.metrics)."""
+    from korcpt.train.metrics import datasheet_peak_tflops
+
+    tflops = override_tflops or datasheet_peak_tflops(device_name)
+    return tflops * 1e12 if tflops else None
 
 
 # ---------------------------------------------------------------- main

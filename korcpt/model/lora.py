@@ -168,6 +168,12 @@ def trained_rows(model: nn.Module, lcfg: LoraConfig, vocab_size: int) -> tuple[l
     return [], None
 
 
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """The transformers model inside the DDP/DeepSpeed (``.module``) and PEFT (``get_base_model``) wrappers."""
+    base = getattr(model, "module", model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, shared parameters counted once; ZeRO-3 aware."""
     seen, trainable, total = set(), 0, 0

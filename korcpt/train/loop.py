@@ -26,10 +26,10 @@ from korcpt.config import RunConfig, config_json, save_config
 from korcpt.errors import TrainingError
 from korcpt.log import get_logger, progress
 from korcpt.model.load import is_multimodal, load_model_and_tokenizer
-from korcpt.model.lora import NewTokenHead, apply_lora, count_parameters, embedding_parameters
+from korcpt.model.lora import NewTokenHead, apply_lora, count_parameters, embedding_parameters, unwrap_base
 from korcpt.train import checkpoint as ckpt
 from korcpt.train.loss import causal_lm_loss
-from korcpt.train.metrics import Metrics, model_flops_per_token, peak_tflops, versions
+from korcpt.train.metrics import Metrics, mfu, model_flops_per_token, peak_tflops, versions
 from korcpt.train.outputs import save_outputs
 
 log = get_logger(__name__)
@@ -221,11 +221,9 @@ class FinalHidden:
     """
 
     def __init__(self, model, loss: HeadLoss):
-        base = getattr(model, "module", model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
         self.loss = loss
         self.value = None
-        self.handle = base.get_decoder().norm.register_forward_hook(self._keep)
+        self.handle = unwrap_base(model).get_decoder().norm.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         self.value = output
@@ -343,7 +341,7 @@ def attach_head_loss(model, cfg: RunConfig) -> HeadLoss | None:
     the DeepSpeed engine hooks the modules it finds there."""
     if not cfg.train.loss_chunk_tokens:
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_base(model)
     loss = HeadLoss(base, cfg.train.loss_chunk_tokens)
     base.add_module("korcpt_head_loss", loss)
     return loss
@@ -478,7 +476,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
         if state.step % cfg.train.log_steps == 0:
             metrics.scalars(state.step, {
                 "train/tokens_per_sec_per_device": per_device,
-                "train/mfu": per_device * flops_per_token / (peak * 1e12) if peak else None,
+                "train/mfu": mfu(per_device, flops_per_token, peak),
                 "train/loss": result["loss"], "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": result["grad_norm"], "train/tokens_per_sec": result["tokens"] / dt,
                 "train/tokens_seen": state.tokens_seen,
@@ -511,7 +509,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     info = _training_info(cfg, state, final, stop_reason, trainable_n, total_n)
     per_device = info["tokens_per_sec"] / accelerator.num_processes
     info.update(new_tokens=len(new_ids), flops_per_token=flops_per_token, tokens_per_sec_per_device=per_device,
-                peak_tflops=peak, mfu=per_device * flops_per_token / (peak * 1e12) if peak else None)
+                peak_tflops=peak, mfu=mfu(per_device, flops_per_token, peak))
     save_outputs(accelerator, model, tokenizer, cfg, info)
     metrics.close()
     accelerator.end_training()

@@ -57,8 +57,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-# Dense bf16 peak of one device, in TFLOP/s (vendor datasheets, SXM parts, no sparsity).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 peak of one device in TFLOP/s (vendor datasheets, no sparsity), as (substring of
+# torch.cuda.get_device_name(), TFLOP/s); the first match wins, so variants come before their family.
+PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H800", 989.4),
+               ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0)]
+
+
+def datasheet_peak_tflops(device_name: str | None) -> float | None:
+    """The datasheet peak of a device named like ``torch.cuda.get_device_name()``; None if unknown."""
+    return next((value for key, value in PEAK_TFLOPS if device_name and key in device_name), None)
 
 
 def peak_tflops(configured: float) -> float | None:
@@ -69,8 +76,12 @@ def peak_tflops(configured: float) -> float | None:
         return configured
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return datasheet_peak_tflops(torch.cuda.get_device_name())
+
+
+def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s of one device over its peak (None without a peak)."""
+    return tokens_per_sec_per_device * flops_per_token / (peak * 1e12) if peak else None
 
 
 def model_flops_per_token(model, trainable_params: int, seq_len: int) -> float:
@@ -81,8 +92,9 @@ def model_flops_per_token(model, trainable_params: int, seq_len: int) -> float:
     gradients only for what trains, 2 * trainable (a frozen base gets none), plus attention scores and
     values 12 * layers * hidden * seq_len (PaLM's term: 4 forward, 8 backward, no causal halving).
     """
-    base = getattr(model, "module", model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    from korcpt.model.lora import unwrap_base
+
+    base = unwrap_base(model)
     decoder = base.get_decoder()
     n = sum(getattr(p, "ds_numel", p.numel()) for p in decoder.parameters())
     text = base.config.get_text_config()
