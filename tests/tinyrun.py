@@ -48,6 +48,44 @@ def build_tiny_data(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
     return tok_dir, shards
 
 
+def build_pretrained_tiny(root: Path, tok_dir: Path, multimodal: bool = False) -> Path:
+    """A random tiny Gemma 3 (seed 5) saved with its tokenizer as a pretrained directory ``root/tiny``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from korcpt.config import ModelConfig
+    from korcpt.model.load import build_random_model
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    arch = "tiny_gemma3_mm.json" if multimodal else "tiny_gemma3.json"
+    mcfg = ModelConfig(name=str(ROOT / "configs/models" / arch), random_init=True, attn_implementation="eager")
+    model = build_random_model(mcfg, len(tok), torch.float32, seed=5)
+    out = root / "tiny"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_extended_tiny(root: Path, pretrained: Path) -> tuple[Path, Path]:
+    """(tokenizer_dir, shard_dir): ``pretrained``'s tokenizer extended with 40 tokens learned from the
+    synthetic corpus, and shards of that corpus built with it."""
+    from transformers import AutoTokenizer
+
+    from korcpt.shards.writer import ShardOptions, write_shards
+    from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
+
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = synthetic_corpus(root / "corpus.jsonl")
+    base = AutoTokenizer.from_pretrained(pretrained)
+    texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+    tok_dir = root / "tokenizer"
+    build_extended_tokenizer(base, learn_extension(base, texts, max_new_tokens=40), tok_dir)
+    shards = root / "shards"
+    write_shards(corpus, shards, ShardOptions(tokenizer=str(tok_dir), seq_len=64, val_fraction=0.1,
+                                              shard_tokens=4096, seed=1, workers=1))
+    return tok_dir, shards
+
+
 def run_config(path: Path, tok_dir: Path, shards: Path, out: Path, **sections) -> Path:
     """Write a tiny run config (random tiny Gemma 3) with section overrides; returns its path."""
     cfg = {
@@ -64,3 +102,25 @@ def run_config(path: Path, tok_dir: Path, shards: Path, out: Path, **sections) -
         cfg[name].update(values)
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def initial_adapter(cfg_path: Path) -> dict:
+    """The adapter tensors a run of ``cfg_path`` starts from (same loader, seed and LoRA setup as the
+    trainer), keyed as in ``adapter_model.safetensors``: what "moved" is measured against."""
+    import torch
+
+    from korcpt.config import load_config
+    from korcpt.model.load import load_model_and_tokenizer
+    from korcpt.model.lora import apply_lora
+    from korcpt.train.outputs import adapter_state
+
+    cfg = load_config(cfg_path)
+    model, _, new_ids = load_model_and_tokenizer(cfg.model, torch.device("cpu"), cfg.train.seed)
+    state, _ = adapter_state(apply_lora(model, cfg.lora, new_ids, seed=cfg.train.seed), cfg)
+    return state
+
+
+def moved_fractions(initial: dict, final: dict) -> dict[str, float]:
+    """key -> fraction of the tensor's entries whose saved value differs from the initial one."""
+    assert initial.keys() == final.keys(), sorted(set(initial) ^ set(final))
+    return {k: (final[k].float() != initial[k].float()).float().mean().item() for k in initial}

@@ -17,11 +17,11 @@ from korcpt.model.lora import trained_rows
 from korcpt.shards.format import atomic_write_json
 
 
-def gathered_trainable_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """name -> full CPU tensor of every trainable parameter (gathered from ZeRO-3 partitions)."""
-    unwrapped = accelerator.unwrap_model(model)
+def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
+    """name -> full CPU tensor of every trainable parameter of the unwrapped ``model`` (gathered from
+    ZeRO-3 partitions)."""
     out = {}
-    for name, param in unwrapped.named_parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if hasattr(param, "ds_id"):
@@ -42,12 +42,12 @@ def _embedding_path(base_model) -> str:
     raise RuntimeError("input embedding not found")
 
 
-def adapter_state(accelerator, model, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """PEFT adapter tensors (LoRA, plus trained embedding rows as PEFT trainable tokens) and those rows' ids."""
+def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """PEFT adapter tensors (LoRA, plus trained embedding rows as PEFT trainable tokens) and those rows'
+    ids, from the PEFT model outside its DDP/DeepSpeed wrapper (every rank calls this under ZeRO-3)."""
     from peft import get_peft_model_state_dict
 
-    unwrapped = accelerator.unwrap_model(model)
-    full = gathered_trainable_state(accelerator, model)
+    full = gathered_trainable_state(unwrapped)
     lora = {k: v for k, v in full.items() if "lora_" in k}
     state = get_peft_model_state_dict(unwrapped, state_dict=lora, save_embedding_layers=False)  # rows: below
     base = unwrapped.get_base_model()
@@ -69,10 +69,10 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
 
     from safetensors.torch import save_file
 
-    state, ids = adapter_state(accelerator, model, cfg)
+    unwrapped = accelerator.unwrap_model(model)
+    state, ids = adapter_state(unwrapped, cfg)
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
     config = copy.deepcopy(unwrapped.peft_config["default"])
     if ids:
         config.trainable_token_indices = {"embed_tokens": ids}
