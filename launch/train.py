@@ -39,10 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = apply_seed_flags(args.set, model=args.model, tokenizer_path=args.tokenizer_path,
                                  max_samples=args.max_samples, epochs=args.epochs, device=args.device)
     cfg = load_config(args.config, overrides)
-    if cfg.model.device.startswith("cuda:"):
-        import os
-
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", cfg.model.device.split(":", 1)[1])
     from korcpt.train.loop import train
 
     info = train(cfg, resume=args.resume)

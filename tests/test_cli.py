@@ -31,3 +31,37 @@ def test_success_returns_the_main_code_and_closes_the_process_group(tmp_path):
 
     assert run_tool(main, []) == 0 and not dist.is_initialized()
     assert run_tool(lambda argv: None, []) == 0 and run_tool(lambda argv: 3, []) == 3
+
+
+def test_device_cuda_n_narrows_visibility_for_one_process_and_is_refused_under_a_launcher():
+    import pytest
+
+    from korcpt.errors import TrainingError
+    from korcpt.train.loop import visible_devices_for
+
+    assert visible_devices_for("cuda:1", {}) == "1"
+    assert visible_devices_for("cuda:1", {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"  # SLURM set it
+    assert visible_devices_for("cuda", {"WORLD_SIZE": "2"}) is None and visible_devices_for("cpu", {}) is None
+    with pytest.raises(TrainingError, match=r"CUDA_VISIBLE_DEVICES=2,3 shows 2 GPU\(s\)"):
+        visible_devices_for("cuda:2", {"CUDA_VISIBLE_DEVICES": "2,3"})
+    with pytest.raises(TrainingError, match="rank 1 of 2: the launcher assigns each rank its GPU"):
+        visible_devices_for("cuda:0", {"WORLD_SIZE": "2", "RANK": "1"})
+
+
+def test_train_with_a_cuda_device_and_no_gpu_is_one_line(tmp_path, tiny_data):
+    import subprocess
+    import sys
+
+    import torch
+
+    from tinyrun import ROOT, run_config
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a GPU is present: the refusal is for machines without one")
+    cfg = run_config(tmp_path / "c.yaml", *tiny_data, tmp_path / "out")
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg), "--device", "cuda:0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: model.device cuda:0: no CUDA device is available here"

@@ -110,3 +110,26 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_logits(tmp_path, mode):
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "new_tokens", "full"])
+def test_a_bfloat16_model_trains_float32_masters_and_computes_in_bfloat16(mode):
+    """Trainable tensors are float32 (a bfloat16 weight drops AdamW steps below half its ulp), frozen
+    ones stay bfloat16, the forward runs in bfloat16, and one step at lr 2e-5 moves (nearly) every
+    embedding entry."""
+    model = apply_lora(tiny_model().to(torch.bfloat16), LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=mode),
+                       list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    ids = torch.arange(BASE_VOCAB - 8, BASE_VOCAB + 8)[None]  # old and new tokens
+    logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    opt = torch.optim.AdamW(list(trainable.values()), lr=2e-5, weight_decay=0.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    embedding = [n for n in trainable if "embed" in n]
+    assert len(embedding) == (0 if mode == "frozen" else 1)
+    for name in embedding:  # the tied head gives every row a gradient (without masters: about 30% move)
+        assert (trainable[name] != before[name]).float().mean() > 0.999, name

@@ -4,12 +4,16 @@ accumulation, exact resume, gradient checkpointing that trains LoRA, text-only m
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import traceback
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from korcpt.config import load_config
 from korcpt.train.loop import train
@@ -155,3 +159,55 @@ def test_mcq_and_per_source_evaluation_during_training(tmp_path, tiny_data):
     assert final["mcq_n"] == 10 and final["mcq_skipped"] >= 1
     assert set(final["mcq_by_group"]["exam_type"]) == {"doctor", "nurse"}
     assert {"val_loss_korean", "val_loss_medical_dict"} <= set(final)
+
+
+# ops that make the host wait for the device on CUDA: a tensor read as a Python number, or an output
+# whose size depends on the values. They dispatch on CPU too, so they can be counted here.
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim"}
+
+
+class KorcptHostSyncs(TorchDispatchMode):
+    """Counts the host-synchronising ops called from korcpt's own code (innermost non-torch frame)."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: Counter = Counter()
+        self.upstream = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+            frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename]
+            caller = frames[-1] if frames else None
+            if caller is not None and f"{os.sep}korcpt{os.sep}" in caller.filename:
+                self.where[f"{Path(caller.filename).name}:{caller.lineno}"] += 1
+            else:
+                self.upstream += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("embeddings", ["frozen", "full"])
+def test_the_training_step_waits_for_the_device_once_per_optimizer_step(tmp_path, tiny_data, monkeypatch, embeddings):
+    """The finite flag, the loss and the token count stay on the device until the step ends: korcpt's
+    code makes no host-synchronising call per micro-batch (transformers' own per-forward packed-sequence
+    check, ``find_packed_sequence_indices``, is upstream and counted apart)."""
+    import korcpt.train.loop as loop
+
+    real = loop.train_step
+    per_step: list[KorcptHostSyncs] = []
+
+    def counted(*args, **kwargs):
+        with KorcptHostSyncs() as syncs:
+            result = real(*args, **kwargs)
+        per_step.append(syncs)
+        return result
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    for accum in (1, 4):
+        run(tmp_path, tiny_data, f"sync-{embeddings}-{accum}", model={"dtype": "bfloat16"}, lora={"embeddings": embeddings},
+            train={"max_steps": 2, "micro_batch_size": 1, "grad_accum": accum, "loss_chunk_tokens": 16}, eval={"steps": 0})
+    assert len(per_step) == 4
+    ones, fours = [dict(s.where) for s in per_step[:2]], [dict(s.where) for s in per_step[2:]]
+    # as many with 4 micro-batches as with 1; on CPU the step's own sync (.tolist()) reads memory
+    # directly, and the first step's one is the DataLoader drawing its base seed when an epoch starts
+    assert ones == fours and ones[1] == {} and sum(ones[0].values()) <= 1, (ones, fours)
+    assert per_step[2].upstream > per_step[0].upstream  # the counter sees syncs: transformers' per forward

@@ -118,8 +118,8 @@ def document_mask_kwargs(model: torch.nn.Module, position_ids: torch.Tensor) -> 
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """dtype of the attention scores: the model's floating parameter dtype (eager adds the mask to them)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+    """dtype of the attention scores (eager adds the mask to them): that of the frozen weights, since
+    trainable ones are float32 masters whatever the model dtype (korcpt.model.lora)."""
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in floating if not p.requires_grad]
+    return (frozen or floating)[0].dtype if floating else torch.float32

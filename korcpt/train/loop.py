@@ -25,7 +25,7 @@ import torch
 from korcpt.config import RunConfig, config_json, save_config
 from korcpt.errors import TrainingError
 from korcpt.log import get_logger, progress
-from korcpt.model.load import is_multimodal, load_model_and_tokenizer
+from korcpt.model.load import is_multimodal, load_model_and_tokenizer, resolve_dtype
 from korcpt.model.lora import NewTokenHead, apply_lora, count_parameters, embedding_parameters, unwrap_base
 from korcpt.train import checkpoint as ckpt
 from korcpt.train.loss import causal_lm_loss
@@ -38,14 +38,55 @@ log = get_logger(__name__)
 # ---------------------------------------------------------------- construction
 
 
+def visible_devices_for(device: str, env: dict) -> str | None:
+    """The ``CUDA_VISIBLE_DEVICES`` that makes ``model.device: cuda:N`` the one GPU of this process.
+
+    ``N`` counts the GPUs this process can see, as torch numbers them: with ``CUDA_VISIBLE_DEVICES=2,3``
+    already set (SLURM does), ``cuda:1`` is physical GPU 3. Returns None for any other device. Under a
+    multi-process launcher (accelerate launch, torchrun, srun) each rank's GPU is the launcher's
+    choice (``LOCAL_RANK``), so ``cuda:N`` is refused there rather than ignored.
+    """
+    if not device.startswith("cuda:"):
+        return None
+    index = int(device.split(":", 1)[1])
+    if int(env.get("WORLD_SIZE", "1")) > 1:
+        raise TrainingError(f"model.device {device} picks the GPU of a single process, but this is rank "
+                            f"{env.get('RANK', '?')} of {env['WORLD_SIZE']}: the launcher assigns each rank its GPU "
+                            "(LOCAL_RANK); drop --device, or narrow CUDA_VISIBLE_DEVICES for the whole launch")
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()] or None
+    if visible is None:
+        return str(index)
+    if index >= len(visible):
+        raise TrainingError(f"model.device {device}: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} "
+                            f"shows {len(visible)} GPU(s), numbered from cuda:0")
+    return visible[index].strip()
+
+
+def _select_cuda_device(device: str) -> None:
+    visible = visible_devices_for(device, dict(os.environ))
+    if visible is None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise TrainingError(f"model.device {device}: no CUDA device is available here")
+        return
+    if torch.cuda.is_initialized() and os.environ.get("CUDA_VISIBLE_DEVICES") != visible:
+        raise TrainingError(f"model.device {device}: CUDA is already initialised in this process; "
+                            f"set CUDA_VISIBLE_DEVICES={visible} before it starts instead")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read when CUDA initialises: the one GPU is then "cuda"
+    if not torch.cuda.is_available():
+        raise TrainingError(f"model.device {device}: no CUDA device is available here")
+
+
 def build_accelerator(cfg: RunConfig):
     """An Accelerator whose DeepSpeed settings that depend on the run come from the run config."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    _select_cuda_device(cfg.model.device)
     # Without a GPU, DDP needs cpu=True to use gloo; DeepSpeed must not get it (it would be dropped).
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs = {"cpu": True} if cfg.model.device == "cpu" or (not torch.cuda.is_available() and not deepspeed) else {}
+    if deepspeed:  # DeepSpeed's bf16 mode (bf16 weights, float32 masters in its optimizer) follows model.dtype
+        kwargs["mixed_precision"] = deepspeed_precision(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
         # the schedule counts optimizer steps; by default Accelerate would step it once per process
@@ -61,7 +102,48 @@ def build_accelerator(cfg: RunConfig):
         ds["gradient_accumulation_steps"] = cfg.train.grad_accum
         ds.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
         ds["gradient_clipping"] = cfg.train.grad_clip
+        for key, wanted in (("bf16", kwargs["mixed_precision"] == "bf16"), ("fp16", kwargs["mixed_precision"] == "fp16")):
+            found = str(ds.get(key, {}).get("enabled", False)).lower() == "true"
+            if found != wanted:
+                raise TrainingError(f"the DeepSpeed config sets {key}.enabled={found} but model.dtype "
+                                    f"{cfg.model.dtype!r} needs {wanted}: set it to \"auto\" (derived from model.dtype)")
     return accelerator
+
+
+def fill_deepspeed_buckets(accelerator, model) -> None:
+    """Resolve the ZeRO bucket sizes left "auto" from the language model's hidden size, with
+    Accelerate's own formulas. Accelerate reads ``model.config.hidden_size``, which a multimodal
+    config (MedGemma 4B's Gemma3Config) does not have: prepare() then fails on the shipped configs."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    hidden = unwrap_base(model).config.get_text_config().hidden_size
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    for key, value in (("reduce_bucket_size", hidden * hidden),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                       ("stage3_param_persistence_threshold", 10 * hidden)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def cast_for_deepspeed(accelerator, model) -> None:
+    """Under DeepSpeed's bf16 mode, give the parameters created after ``zero.Init`` (LoRA, new rows:
+    float32 masters in :mod:`korcpt.model.lora`) the bfloat16 dtype of the partitioned ones. The
+    engine keeps the float32 masters itself, and casts a model that was not partitioned at load the
+    same way; a partitioned one it leaves as it is, and ZeRO-3 then fails on mixed dtypes
+    (``assert len(set(t.dtype for t in tensors)) == 1`` in ``defragment``)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or str(plugin.deepspeed_config.get("bf16", {}).get("enabled")).lower() != "true":
+        return
+    for param in model.parameters():
+        if param.is_floating_point() and not hasattr(param, "ds_id"):
+            param.data = param.data.to(torch.bfloat16)
+
+
+def deepspeed_precision(cfg: RunConfig) -> str:
+    """Accelerate's mixed_precision for a DeepSpeed run: its bf16 (or fp16) mode when the model trains in it."""
+    dtype = resolve_dtype(cfg.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
 def _record_cpu_deepspeed_ranks(accelerator) -> None:
@@ -88,6 +170,28 @@ def _record_cpu_deepspeed_ranks(accelerator) -> None:
         shared["num_processes"] = dist.get_world_size()
         shared["process_index"] = dist.get_rank()
         shared["local_process_index"] = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+def build_model(cfg: RunConfig, accelerator):
+    """The run's model and tokenizer (see :func:`korcpt.model.load.load_model_and_tokenizer`).
+
+    A random init is built whole on every rank, outside ZeRO-3's ``zero.Init``: there each partition
+    is initialised from another random stream, so the same seed gave another model than one process
+    (baseline validation loss 7.633 against 7.615 on the same sequences). DeepSpeed partitions it when
+    the engine starts. A pretrained model loads partitioned, and equals the one-process model.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or not cfg.model.random_init:
+        return load_model_and_tokenizer(cfg.model, accelerator.device, cfg.train.seed)
+    # Accelerate's zero3_init_context_manager(enable=False) leaves transformers' ZeRO-3 switch on
+    # (accelerate 1.15: the config it re-registers still says stage 3), so switch it off here.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        return load_model_and_tokenizer(cfg.model, accelerator.device, cfg.train.seed)
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def build_optimizer(model, cfg: RunConfig, total_steps: int):
@@ -207,7 +311,8 @@ class HeadLoss(torch.nn.Module):
         return head.weight
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return causal_lm_loss(hidden, self.head_weight(), labels, chunk_tokens=self.chunk_tokens,
+        # a float32 master (the full embedding) is used in the model dtype, as the head does
+        return causal_lm_loss(hidden, self.head_weight().to(hidden.dtype), labels, chunk_tokens=self.chunk_tokens,
                               final_logit_softcapping=self.softcap)
 
 
@@ -262,36 +367,46 @@ def causal_lm_loss_from_logits(logits, labels, chunk):
 
 def train_step(model, optimizer, scheduler, accelerator, batches: Iterator[dict], cfg: RunConfig,
                state: ckpt.TrainerState, trainable: list, hidden: FinalHidden | None = None) -> dict:
-    """Accumulate ``grad_accum`` micro-batches and take one optimizer step (or skip it if non-finite)."""
+    """Accumulate ``grad_accum`` micro-batches and take one optimizer step (or skip it if non-finite).
+
+    The host waits for the device once per optimizer step, to learn whether the step is finite: the
+    token count, the loss and the finite flag stay on the device until then (tests/test_train.py
+    counts the synchronising ops).
+    """
     micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-    local_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
-    tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
+    device = accelerator.device
+    local_tokens = torch.stack([(b["labels"] != -100).sum() for b in micro]).sum()  # on the host: no sync
+    tokens = accelerator.reduce(local_tokens.to(device), "sum")
     # backward() divides by grad_accum and DDP/DeepSpeed average over ranks: undo both so the gradient
     # is that of sum(NLL over the step's tokens on all ranks) / tokens.
-    scale = cfg.train.grad_accum * accelerator.num_processes / max(tokens, 1)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    finite = True
+    scale = cfg.train.grad_accum * accelerator.num_processes / tokens.clamp(min=1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    finite = torch.ones((), dtype=torch.float32, device=device)
     for batch in micro:
         with accelerator.accumulate(model):
-            nll, _ = nll_sum(model, batch, cfg, accelerator.device, hidden)
-            finite &= bool(torch.isfinite(nll))
+            nll, _ = nll_sum(model, batch, cfg, device, hidden)
+            finite = finite * torch.isfinite(nll)
             accelerator.backward(nll * scale)
             loss_sum += nll.detach().double()
             state.micro_step += 1
     loss_sum = accelerator.reduce(loss_sum, "sum")
+    finite = accelerator.reduce(finite, "min")
     # the norm is computed even without clipping (max_norm inf): a non-finite gradient skips the step
     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.grad_clip or float("inf"))
     if grad_norm is None and hasattr(model, "get_global_grad_norm"):  # DeepSpeed clips inside its engine
         grad_norm = model.get_global_grad_norm()
-    grad_norm = float(grad_norm) if grad_norm is not None else None
-    finite = bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "min").item())
-    finite = finite and math.isfinite(loss_sum.item()) and (grad_norm is None or math.isfinite(grad_norm))
-    if finite:
+    norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64, device=device)
+    loss_total, token_count, all_finite, norm = torch.stack(  # the step's one host sync
+        [loss_sum, tokens.double(), finite.double(), norm.double()]).tolist()
+    grad_norm = None if grad_norm is None else norm
+    ok = bool(all_finite) and math.isfinite(loss_total) and (grad_norm is None or math.isfinite(grad_norm))
+    if ok:
         optimizer.step()
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum.item() / max(tokens, 1), "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
-            "sample_ids": [int(i) for b in micro for i in b["sample_id"]]}
+    tokens = int(token_count)
+    return {"loss": loss_total / max(tokens, 1), "tokens": tokens, "grad_norm": grad_norm, "finite": ok,
+            "sample_ids": [i for b in micro for i in b["sample_id"].tolist()]}
 
 
 # ---------------------------------------------------------------- evaluation hooks
@@ -402,7 +517,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     out_dir = Path(cfg.output.dir)
     accelerator = build_accelerator(cfg)
     set_seed(cfg.train.seed)
-    model, tokenizer, new_ids = load_model_and_tokenizer(cfg.model, accelerator.device, cfg.train.seed)
+    model, tokenizer, new_ids = build_model(cfg, accelerator)
     train_set, val_set = open_data(cfg, tokenizer, accelerator)
     model = apply_lora(model, cfg.lora, new_ids, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
@@ -425,6 +540,8 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
         )
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     head_loss = attach_head_loss(model, cfg)
+    fill_deepspeed_buckets(accelerator, model)
+    cast_for_deepspeed(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     hidden = FinalHidden(model, head_loss) if head_loss is not None else None
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -51,21 +51,16 @@ def causal_lm_loss(
         raise ValueError(f"hidden must be [B, T, H] and labels [B, T]; found {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}], found {tuple(weight.shape)}")
-    flat_labels = labels.reshape(-1)
-    valid = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    n_tokens = valid.numel()
-    count = torch.tensor(n_tokens, dtype=torch.int64, device=labels.device)
-    # Only rows with a target ever meet the head: padding and ignored positions cost nothing.
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
-    y = flat_labels.index_select(0, valid)
-    if n_tokens == 0:
-        # Keep the graph connected so that every rank runs the same backward (DDP/ZeRO hooks).
-        return (h.sum() * 0.0 + weight.sum() * 0.0).float(), count
+    # Every position meets the head, ignored ones masked out: selecting the targets first
+    # (``nonzero``) would wait for the device once per micro-batch to learn how many there are.
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    count = (y != IGNORE_INDEX).sum()
     if chunk_tokens <= 0:
         logits = (h @ weight.t()).float()
         if final_logit_softcapping:
             logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
-        return F.cross_entropy(logits, y, reduction="sum"), count
+        return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum"), count
     if backend == "liger" or (backend == "auto" and hidden.is_cuda and _liger_available()):
         return _liger_loss(h, weight, y, final_logit_softcapping), count
     return _ChunkedLinearCrossEntropy.apply(h, weight, y, int(chunk_tokens), final_logit_softcapping), count
@@ -115,8 +110,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk):
             logits, _ = _chunk_logits(h[start : start + chunk], weight, softcap)
-            target = logits.gather(1, y[start : start + chunk, None]).squeeze(1)
-            total += (torch.logsumexp(logits, dim=-1) - target).sum()
+            yc = y[start : start + chunk]
+            target = logits.gather(1, yc.clamp(min=0)[:, None]).squeeze(1)
+            total += ((torch.logsumexp(logits, dim=-1) - target) * (yc != IGNORE_INDEX)).sum()
             del logits, target
         ctx.save_for_backward(h, weight, y)
         ctx.chunk, ctx.softcap = chunk, softcap
@@ -135,7 +131,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits, t = _chunk_logits(hc, weight, ctx.softcap)
             dz = torch.softmax(logits, dim=-1)  # new buffer; logits freed below
             del logits
-            dz[rows[: hc.shape[0]], yc] -= 1.0
+            dz[rows[: hc.shape[0]], yc.clamp(min=0)] -= 1.0
+            dz.mul_((yc != IGNORE_INDEX)[:, None])  # ignored positions: no gradient
             if t is not None:
                 dz.mul_(t.square_().neg_().add_(1.0))  # d(cap*tanh(z/cap))/dz = 1 - tanh^2
                 del t

@@ -18,20 +18,29 @@ from korcpt.shards.format import atomic_write_json
 
 
 def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
-    """name -> full CPU tensor of every trainable parameter of the unwrapped ``model`` (gathered from
-    ZeRO-3 partitions)."""
+    """name -> full float32 CPU tensor of every trainable parameter of the unwrapped ``model``: the
+    trained value itself, i.e. DeepSpeed's float32 master where it keeps one (gathered from ZeRO-3
+    partitions), not the bfloat16 copy the forward uses."""
     out = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                out[name] = param.detach().cpu().clone()
-        else:
-            out[name] = param.detach().cpu().clone()
+        if param.requires_grad:
+            out[name] = _master_value(param).detach().float().cpu().clone()
     return out
+
+
+def _master_value(param: torch.nn.Parameter) -> torch.Tensor:
+    if not (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+        return param  # no DeepSpeed: the parameter is its own float32 master (korcpt.model.lora)
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank calls it
+    if master is not None:
+        return master
+    if not hasattr(param, "ds_id"):
+        return param
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):  # no optimizer (yet)
+        return param.detach().clone()
 
 
 def _embedding_path(base_model) -> str:

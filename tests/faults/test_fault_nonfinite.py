@@ -126,3 +126,26 @@ def test_consecutive_non_finite_steps_stop_the_run_keeping_the_last_good_weights
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
     tally.add("non-finite loss/gradient", faults_injected=max_bad, runs_recovered=1, data_lost=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_a_nan_gradient_never_reaches_the_weights_under_two_process_deepspeed_bf16(tmp_path, pretrained_tiny,
+                                                                                 tiny_data, fault_rng, tally, mode):
+    """2 processes, DeepSpeed with bf16.enabled (float32 masters): the step is skipped and counted, the
+    run goes on, and the saved adapter (the masters) is finite."""
+    from test_distributed import launch, run_info
+
+    attempt = fault_rng.choice([1, 2])
+    print(f"[injected] NaN gradient on both ranks in optimizer-step attempt {attempt} (0-based), {mode}")
+    out = launch(tmp_path, tiny_data, pretrained_tiny, f"nan-{mode}", mode, "full", "bfloat16",
+                 script=str(Path(__file__).parent / "_nan_launch.py"), env={"KORCPT_FAULT_NAN_ATTEMPTS": str(attempt)},
+                 max_bad_steps=2)
+    saved = run_info(out)
+    print(f"[result] bad_steps={saved['bad_steps']}, steps={saved['steps']}, stop_reason={saved['stop_reason']!r}")
+    assert saved["world_size"] == 2 and saved["bad_steps"] == 1
+    assert saved["steps"] == 3 and saved["stop_reason"] == "max_steps"
+    assert all(math.isfinite(x["loss"]) for x in saved["losses"])
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
+    tally.add("non-finite loss/gradient", faults_injected=1, runs_recovered=1, data_lost=0)
