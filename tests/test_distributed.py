@@ -123,9 +123,9 @@ def test_random_init_under_zero3_is_the_one_process_model(tmp_path, tiny_data, e
 
 # bfloat16 at the spec's lr 2e-5, where a bfloat16 weight without a float32 master keeps most of its
 # entries (30% of the full embedding moved in 6 steps, bench/bench_precision.py). Tolerance against the
-# float32 run: losses rel 2e-3 (bfloat16 logits; measured max 4e-4 here).
+# float32 run: losses rel 5e-4 (bfloat16 logits; measured max 8.4e-5, new rows and full embedding).
 BF16_LR = 2e-5
-BF16_REL = 2e-3
+BF16_REL = 5e-4
 # Every entry of every trained tensor moves in float32; in bfloat16 a few LoRA A entries get steps
 # below float32 resolution in 3 steps from B = 0 (measured: 99.8% of one LoRA A at least).
 MIN_MOVED = 0.99
@@ -133,6 +133,8 @@ MIN_MOVED = 0.99
 
 def assert_bf16_run_matches(out: Path, ref: Path, mode: str, initial: dict) -> None:
     assert run_info(out)["world_size"] == (1 if mode == "one" else 2)
+    worst = max(abs(a / b - 1) for a, b in zip(losses(out), losses(ref)))
+    print(f"[bf16] {out.name}: losses within rel {worst:.2e} of float32")
     assert losses(out) == pytest.approx(losses(ref), rel=BF16_REL), mode
     assert run_info(out)["val_loss_final"] == pytest.approx(run_info(ref)["val_loss_final"], rel=BF16_REL), mode
     saved = load_file(str(out / "adapter_model.safetensors"))
@@ -163,3 +165,17 @@ def test_bfloat16_multimodal_zero2_auto_buckets_and_zero3_init(tmp_path, tiny_da
     for mode in ("zero2", "zero3"):
         out = launch(tmp_path, tiny_data, pretrained_tiny_mm, f"mm-bf16-{mode}", mode, "full", "bfloat16", lr=BF16_LR)
         assert_bf16_run_matches(out, ref, mode, initial)
+
+
+def test_a_deepspeed_file_contradicting_model_dtype_is_one_line(tmp_path, tiny_data):
+    ds = json.loads((ROOT / "configs/deepspeed/cpu_zero2.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = run_config(tmp_path / "c.yaml", *tiny_data, tmp_path / "out", model={"dtype": "bfloat16"})
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--use_deepspeed",
+                           "--deepspeed_config_file", str(tmp_path / "ds.json"), "launch/train.py", "--config",
+                           str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KORCPT_NO_PROGRESS": "1"})
+    assert proc.returncode != 0
+    assert ("error: the DeepSpeed config sets bf16.enabled=False but model.dtype 'bfloat16' needs True: "
+            'set it to "auto" (derived from model.dtype)') in proc.stderr.splitlines()

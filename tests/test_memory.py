@@ -105,3 +105,15 @@ def test_tool_prints_one_json_object(monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["gpus"] == 8 and out["zero_stage"] == 3 and out["fits"] is True
     assert out["trainable_params"] < out["total_params"] and out["per_gpu_bytes"] > 0
+
+
+def test_one_gpu_without_deepspeed_counts_float32_masters_and_the_head_cast():
+    from korcpt.config import load_config
+
+    p = plan(load_config(ROOT / "configs/4b.yaml", check_files=False), gpus=1, zero_stage=0, vocab=VOCAB)
+    b, n, emb = p.breakdown, p.params.trainable, p.params.embedding_trainable
+    assert p.embeddings == "full" and emb == padded_vocab(VOCAB) * 2560  # 0.72B rows at this vocabulary
+    assert (b["trainable_weights"], b["gradients"], b["optimizer_states"]) == (4 * n, 4 * n, 8 * n)
+    assert b["master_cast"] == 2 * emb  # the bf16 copy of the table the head multiplies with
+    z2 = plan(load_config(ROOT / "configs/4b.yaml", check_files=False), gpus=1, zero_stage=2, vocab=VOCAB)
+    assert z2.breakdown["master_cast"] == 0 and z2.breakdown["optimizer_states"] == 12 * n

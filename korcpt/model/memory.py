@@ -18,8 +18,11 @@ Byte accounting per GPU (N = GPUs, ZeRO stage z; bf16 training as DeepSpeed and 
                           gradient accumulator when the head trains
     reserve               1 GiB (CUDA context, allocator fragmentation)
 
-(A single-process run without DeepSpeed keeps LoRA weights in float32 with float32 gradients and
-Adam states: 4 + 4 + 8 = 16 B per trainable parameter, the same total as 2 + 2 + 12.)
+Without DeepSpeed (stage 0: one GPU, or DDP) every trainable tensor is its own float32 master
+(korcpt.model.lora): 4 B weight + 4 B gradient + 8 B Adam m, v = 16 B per trainable parameter, and
+in ``full`` mode the output head casts the [vocab, hidden] table to bf16 for each forward, a copy
+kept for the backward (2 B/param of the embedding, ``master_cast``). MedGemma 4B in ``full`` mode:
+0.67B float32 rows = 2.7 GB, their gradient 2.7 GB, Adam 5.4 GB, the cast 1.3 GB.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ BYTES_FROZEN = 2
 BYTES_WEIGHT = 2
 BYTES_GRAD = 2
 BYTES_OPTIM = 12
+BYTES_MASTER = 4  # stage 0: the float32 master is the weight, its gradient float32, Adam 8 B
+BYTES_ADAM = 8
 RESERVE_BYTES = 1 * GIB
 VOCAB_MULTIPLE = 64  # korcpt.model.load pads resized vocabularies to this multiple
 
@@ -290,9 +295,15 @@ def estimate(counts: ParamCounts, info: ArchInfo, s: Setup, *, lora_dropout: flo
     trainable = counts.trainable
     frozen = counts.base - (counts.embedding_trainable if s.embeddings == "full" else 0)
     frozen_weights = frozen * BYTES_FROZEN / (n if z >= 3 else 1)
-    weights = trainable * BYTES_WEIGHT / (n if z >= 3 else 1)
-    grads = trainable * BYTES_GRAD / (n if z >= 2 else 1)
-    optim = 0 if s.offload_optimizer else trainable * BYTES_OPTIM / (n if z >= 1 else 1)
+    if z == 0:
+        weights, grads, optim = trainable * BYTES_MASTER, trainable * BYTES_MASTER, trainable * BYTES_ADAM
+        master_cast = counts.embedding_trainable * BYTES_WEIGHT if s.embeddings == "full" else 0
+    else:
+        weights = trainable * BYTES_WEIGHT / (n if z >= 3 else 1)
+        grads = trainable * BYTES_GRAD / (n if z >= 2 else 1)
+        optim = trainable * BYTES_OPTIM / (n if z >= 1 else 1)
+        master_cast = 0
+    optim = 0 if s.offload_optimizer else optim
     working = 0
     if z >= 3:
         working = max(2 * counts.largest_layer, counts.embedding) * BYTES_FROZEN
@@ -305,6 +316,7 @@ def estimate(counts: ParamCounts, info: ArchInfo, s: Setup, *, lora_dropout: flo
         "trainable_weights": int(weights),
         "gradients": int(grads),
         "optimizer_states": int(optim),
+        "master_cast": int(master_cast),
         "zero3_gathered": int(working),
         "activations": act_ck if s.gradient_checkpointing else act_no,
         "logits_loss": loss_bytes(info, tokens, s.loss_chunk_tokens, s.embeddings == "full"),
