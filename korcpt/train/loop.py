@@ -64,15 +64,12 @@ def visible_devices_for(device: str, env: dict) -> str | None:
 
 def _select_cuda_device(device: str) -> None:
     visible = visible_devices_for(device, dict(os.environ))
-    if visible is None:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise TrainingError(f"model.device {device}: no CUDA device is available here")
-        return
-    if torch.cuda.is_initialized() and os.environ.get("CUDA_VISIBLE_DEVICES") != visible:
-        raise TrainingError(f"model.device {device}: CUDA is already initialised in this process; "
-                            f"set CUDA_VISIBLE_DEVICES={visible} before it starts instead")
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read when CUDA initialises: the one GPU is then "cuda"
-    if not torch.cuda.is_available():
+    if visible is not None:
+        if torch.cuda.is_initialized() and os.environ.get("CUDA_VISIBLE_DEVICES") != visible:
+            raise TrainingError(f"model.device {device}: CUDA is already initialised in this process; "
+                                f"set CUDA_VISIBLE_DEVICES={visible} before it starts instead")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # read when CUDA initialises: that GPU is then "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"model.device {device}: no CUDA device is available here")
 
 
@@ -102,8 +99,8 @@ def build_accelerator(cfg: RunConfig):
         ds["gradient_accumulation_steps"] = cfg.train.grad_accum
         ds.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world size
         ds["gradient_clipping"] = cfg.train.grad_clip
-        for key, wanted in (("bf16", kwargs["mixed_precision"] == "bf16"), ("fp16", kwargs["mixed_precision"] == "fp16")):
-            found = str(ds.get(key, {}).get("enabled", False)).lower() == "true"
+        for key in ("bf16", "fp16"):
+            found, wanted = _ds_enabled(ds, key), kwargs.get("mixed_precision") == key
             if found != wanted:
                 raise TrainingError(f"the DeepSpeed config sets {key}.enabled={found} but model.dtype "
                                     f"{cfg.model.dtype!r} needs {wanted}: set it to \"auto\" (derived from model.dtype)")
@@ -133,11 +130,16 @@ def cast_for_deepspeed(accelerator, model) -> None:
     same way; a partitioned one it leaves as it is, and ZeRO-3 then fails on mixed dtypes
     (``assert len(set(t.dtype for t in tensors)) == 1`` in ``defragment``)."""
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or str(plugin.deepspeed_config.get("bf16", {}).get("enabled")).lower() != "true":
+    if plugin is None or not _ds_enabled(plugin.deepspeed_config, "bf16"):
         return
     for param in model.parameters():
         if param.is_floating_point() and not hasattr(param, "ds_id"):
             param.data = param.data.to(torch.bfloat16)
+
+
+def _ds_enabled(ds: dict, key: str) -> bool:
+    """Whether a DeepSpeed config turns ``bf16`` or ``fp16`` on (True, "true" or "True")."""
+    return str(ds.get(key, {}).get("enabled", False)).lower() == "true"
 
 
 def deepspeed_precision(cfg: RunConfig) -> str:
