@@ -94,7 +94,7 @@ def anon_rss_mb() -> float:
 
 def child(args: argparse.Namespace) -> dict:
     os.environ["KORCPT_NO_PROGRESS"] = "1"
-    from korcpt.model.presets import load_tokenizer
+    from korcpt.assets import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer) if args.what != "reader" else None
     cores = os.cpu_count() or 1

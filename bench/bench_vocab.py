@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from korcpt.model.presets import load_tokenizer  # noqa: E402
+from korcpt.assets import load_tokenizer  # noqa: E402
 from korcpt.vocab.extend import (  # noqa: E402
     build_extended_tokenizer,
     count_tokens,

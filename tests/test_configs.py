@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from korcpt.config import load_config
-from korcpt.model.presets import ROOT
+from korcpt.assets import ROOT
 
 CONFIGS = ROOT / "configs"
 RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))

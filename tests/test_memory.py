@@ -13,7 +13,7 @@ from korcpt.model.lora import apply_lora, count_parameters
 from korcpt.model.memory import (
     GIB, build_meta_model, count_params, padded_vocab, plan, read_arch_config, zero_stage_of_accelerate_config,
 )
-from korcpt.model.presets import ROOT
+from korcpt.assets import ROOT
 
 VOCAB = 282_738  # the spec's extended vocabulary
 

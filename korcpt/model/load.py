@@ -16,7 +16,7 @@ import yaml
 from korcpt.config import ModelConfig
 from korcpt.errors import ModelError
 from korcpt.log import get_logger
-from korcpt.model import presets
+from korcpt import assets
 
 log = get_logger(__name__)
 
@@ -35,7 +35,7 @@ def load_tokenizer(mcfg: ModelConfig):
     name = mcfg.tokenizer or mcfg.name
     if mcfg.random_init and not mcfg.tokenizer:
         raise ModelError("model.random_init needs model.tokenizer (the vocabulary size comes from it)")
-    return presets.load_tokenizer(name, trust_remote_code=mcfg.trust_remote_code)
+    return assets.load_tokenizer(name, trust_remote_code=mcfg.trust_remote_code)
 
 
 def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -47,10 +47,10 @@ def _read_arch_config(name: str) -> dict:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        preset = presets.ARCH_DIR / f"{name}.json"
+        preset = assets.ARCH_DIR / f"{name}.json"
         if not preset.is_file():
             raise ModelError(f"model.random_init: no model config at {name!r} (a .json/.yaml file, a directory "
-                             f"with config.json, or a name in {presets.ARCH_DIR})")
+                             f"with config.json, or a name in {assets.ARCH_DIR})")
         path = preset
     text = path.read_text(encoding="utf-8")
     data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
@@ -78,7 +78,7 @@ def load_pretrained(mcfg: ModelConfig, dtype: torch.dtype):
     """A pretrained model from a preset, a local directory, a GGUF file or a (cached) hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
-    source = presets.resolve(mcfg.name)
+    source = assets.resolve(mcfg.name)
     kwargs = dict(dtype=dtype, attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
     path = Path(source)
     if path.suffix == ".gguf":
@@ -122,7 +122,7 @@ def load_model_and_tokenizer(mcfg: ModelConfig, device: torch.device, seed: int 
         return model, tokenizer, []
     from korcpt.vocab.embeddings import resize_and_init_embeddings
 
-    base_tokenizer = presets.load_tokenizer(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+    base_tokenizer = assets.load_tokenizer(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     new_ids = resize_and_init_embeddings(model, base_tokenizer, tokenizer, pad_to_multiple_of=VOCAB_MULTIPLE)
     log.info("extended vocabulary %d -> %d rows (%d new tokens)", base_vocab, vocab_size_of(model), len(new_ids))
     return model, tokenizer, list(new_ids)

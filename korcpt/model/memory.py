@@ -118,7 +118,7 @@ def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 def read_arch_config(name: str) -> dict[str, Any]:
     """The architecture config of ``model.name``: a preset in configs/models, a .json/.yaml file or a directory."""
-    from korcpt.model.presets import ARCH_DIR
+    from korcpt.assets import ARCH_DIR
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -436,7 +436,7 @@ def zero_stage_of_accelerate_config(path: str | Path) -> tuple[int, int]:
     if ds_file:
         p = Path(ds_file)
         if not p.is_absolute():
-            from korcpt.model.presets import ROOT
+            from korcpt.assets import ROOT
 
             p = ROOT / p
         stage = json.loads(p.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0)

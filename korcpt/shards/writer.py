@@ -365,7 +365,7 @@ def _list_chunks(lines: list[bytes], chunk_bytes: int) -> Iterator[tuple[int, li
 
 def _load(tokenizer: Any):
     if isinstance(tokenizer, (str, os.PathLike)):
-        from korcpt.model.presets import load_tokenizer
+        from korcpt.assets import load_tokenizer
 
         return str(tokenizer), load_tokenizer(str(tokenizer))
     return getattr(tokenizer, "name_or_path", type(tokenizer).__name__), tokenizer

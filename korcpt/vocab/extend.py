@@ -442,7 +442,7 @@ def extend_tokenizer(
     """Learn Korean tokens for the tokenizer ``base``, save the extended tokenizer and ``report.json``.
 
     Args:
-        base: tokenizer directory, hub id or preset name (see :mod:`korcpt.model.presets`).
+        base: tokenizer directory, hub id or preset name (see :mod:`korcpt.assets`).
         corpus: ``raw_text_mixed.jsonl`` (``{"text"}`` lines), or None to learn from ``terms`` alone.
         out_dir: output directory (created); loadable with ``AutoTokenizer.from_pretrained``.
         max_new_tokens: cap on new vocabulary entries.
@@ -455,7 +455,7 @@ def extend_tokenizer(
     Returns:
         The report (also written to ``out_dir/report.json``).
     """
-    from korcpt.model.presets import load_tokenizer
+    from korcpt.assets import load_tokenizer
 
     if max_new_tokens < 1:
         raise ModelError(f"--max-new-tokens is {max_new_tokens}, expected at least 1")

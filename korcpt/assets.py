@@ -1,4 +1,7 @@
-"""Named models and tokenizers, resolved to local directories without network access.
+"""Named models and tokenizers (presets), resolved to local directories without network access.
+
+The one place assets are found, cached and converted (GGUF); every stage that needs a tokenizer or a
+model directory asks here, so this module sits beside ``config`` below the stages.
 
 Presets:
     gemma3-270m   the real pretrained Gemma 3 270M with the real Gemma 3 tokenizer (262,144 tokens),
@@ -27,7 +30,7 @@ from korcpt.log import get_logger
 
 log = get_logger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "data" / "sample"
 ARCH_DIR = ROOT / "configs" / "models"
 
