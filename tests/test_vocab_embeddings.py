@@ -1,4 +1,4 @@
-"""Embedding initialisation for new tokens (korcpt.vocab.embeddings) on a tiny random Gemma 3."""
+"""Embedding initialisation for new tokens (korcpt.model.embeddings) on a tiny random Gemma 3."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from korcpt.errors import ModelError
-from korcpt.vocab.embeddings import new_token_ids, piece_ids, resize_and_init_embeddings
+from korcpt.model.embeddings import new_token_ids, piece_ids, resize_and_init_embeddings
 from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
 
 LINES = [

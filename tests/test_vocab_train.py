@@ -48,7 +48,7 @@ def test_extended_vocabulary_trains_only_new_rows(tmp_path, pretrained_tiny):
     assert ids == list(range(len(base_tok), len(new_tok))) and rows.shape[0] == len(ids)
 
     # the base model grown for the extended tokenizer (what training started from): new rows moved, no other row did
-    from korcpt.vocab.embeddings import resize_and_init_embeddings
+    from korcpt.model.embeddings import resize_and_init_embeddings
 
     grown = AutoModelForCausalLM.from_pretrained(pretrained_tiny)
     original = grown.get_input_embeddings().weight.detach().clone()

@@ -23,7 +23,7 @@ def _worker(model_dir: str, base_dir: str, new_dir: str, out: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
-    from korcpt.vocab.embeddings import resize_and_init_embeddings
+    from korcpt.model.embeddings import resize_and_init_embeddings
 
     world = int(os.environ["WORLD_SIZE"])
     ds_config = json.loads((ROOT / "configs" / "deepspeed" / "cpu_zero3.json").read_text())
@@ -69,7 +69,7 @@ def test_zero3_resize_matches_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-    from korcpt.vocab.embeddings import resize_and_init_embeddings
+    from korcpt.model.embeddings import resize_and_init_embeddings
     from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
     from korcpt.vocab.tiny import train_tiny_tokenizer
 

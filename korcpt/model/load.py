@@ -17,6 +17,7 @@ from korcpt.config import ModelConfig
 from korcpt.errors import ModelError
 from korcpt.log import get_logger
 from korcpt import assets
+from korcpt.model.embeddings import resize_and_init_embeddings
 
 log = get_logger(__name__)
 
@@ -120,8 +121,6 @@ def load_model_and_tokenizer(mcfg: ModelConfig, device: torch.device, seed: int 
     base_vocab = vocab_size_of(model)
     if len(tokenizer) <= base_vocab:
         return model, tokenizer, []
-    from korcpt.vocab.embeddings import resize_and_init_embeddings
-
     base_tokenizer = assets.load_tokenizer(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     new_ids = resize_and_init_embeddings(model, base_tokenizer, tokenizer, pad_to_multiple_of=VOCAB_MULTIPLE)
     log.info("extended vocabulary %d -> %d rows (%d new tokens)", base_vocab, vocab_size_of(model), len(new_ids))

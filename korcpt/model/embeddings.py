@@ -1,4 +1,4 @@
-"""Embedding rows for the new tokens of an extended tokenizer.
+"""Embedding rows for the new tokens of an extended tokenizer (built by :mod:`korcpt.vocab.extend`).
 
 When the tokenizer is larger than the model's vocabulary, :func:`resize_and_init_embeddings` grows the
 input embedding (and the output head, when it is not tied to it) to ``len(tokenizer)`` rounded up to
