@@ -18,12 +18,14 @@ a hash of its inputs and completed by an atomic rename, so a half-written conver
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from korcpt.errors import ModelError
 from korcpt.log import get_logger
@@ -57,21 +59,49 @@ def resolve(name: str) -> str:
     return HUB_PRESETS.get(name, name)
 
 
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A new empty sibling of ``final`` to build a directory in, deleted when the block ends.
+
+    Only what the block renames into place survives: a crash part-way leaves nothing under ``final``.
+    Made with ``mkdir`` (not ``mkdtemp``, which is private to the user) so the published directory
+    gets the usual permissions.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(6)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(built: Path, final: Path) -> None:
+    """Rename the finished directory ``built`` onto ``final``, replacing an earlier ``final`` whole.
+
+    A non-empty ``final`` is renamed aside first and deleted after, so at every moment ``final``
+    names the old directory, nothing, or the new one, never a mix of both.
+    """
+    if final.is_dir() and any(final.iterdir()):
+        old = final.with_name(f"{final.name}.old-{secrets.token_hex(6)}")
+        os.rename(final, old)
+        os.rename(built, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(built, final)  # rename(2) replaces an empty directory in one step
+
+
 def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temporary sibling and rename it into place (readers never see half of it)."""
+    """Build a cache directory in a temporary sibling and rename it into place (readers never see half of it)."""
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
+    with staging_dir(final) as tmp:
         build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first: keep theirs
             if not final.is_dir():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from korcpt.errors import DataError
+from korcpt.errors import DataError, ModelError
 from korcpt.vocab.extend import (
+    Extension,
+    ExtendOptions,
     _runs,
     build_extended_tokenizer,
     count_tokens,
@@ -165,7 +167,28 @@ def test_read_texts_rejects_bad_lines(tmp_path):
     with pytest.raises(DataError, match="not found"):
         list(read_texts(None, [tmp_path / "missing.txt"]))
     with pytest.raises(DataError, match="nothing to learn"):
-        extend_tokenizer("unused", None, tmp_path / "o", 5)
+        extend_tokenizer(ExtendOptions(base="unused", corpus=None, out_dir=tmp_path / "o", max_new_tokens=5))
+
+
+def test_failed_build_leaves_nothing_under_the_extended_name(tiny_base, tiny_extended, tmp_path):
+    taken = next(iter(tiny_base.get_vocab()))  # a base token as a "new" one: fails after the base files are saved
+    bad = Extension(new_tokens=[taken])
+    out = tmp_path / "tok"
+    with pytest.raises(ModelError, match="already in the base vocabulary"):
+        build_extended_tokenizer(tiny_base, bad, out)
+    assert list(tmp_path.iterdir()) == []  # neither the base tokenizer under the name nor a staging sibling
+
+    ext, _ = tiny_extended
+    first = build_extended_tokenizer(tiny_base, ext, out)
+    with pytest.raises(ModelError, match="already in the base vocabulary"):
+        build_extended_tokenizer(tiny_base, bad, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+    assert json.loads((out / "tokenizer.json").read_text("utf-8"))["model"]["vocab"] == first.get_vocab()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(DataError, match="is not a tokenizer directory"):
+        build_extended_tokenizer(tiny_base, ext, tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text("utf-8") == "mine"
 
 
 # ------------------------------------------------------------------------ real Gemma 3 tokenizer

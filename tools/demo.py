@@ -32,7 +32,7 @@ def build_data(cfg, seq_len: int, new_tokens: int) -> dict:
     """Corpus, extended tokenizer and shards into the directories the config names."""
     from korcpt.corpus.build import CorpusOptions, build_corpus
     from korcpt.shards.writer import ShardOptions, write_shards
-    from korcpt.vocab.extend import extend_tokenizer
+    from korcpt.vocab.extend import ExtendOptions, extend_tokenizer
 
     shards, tokenizer = Path(cfg.data.shards), Path(cfg.model.tokenizer)
     work = shards.parent
@@ -40,7 +40,9 @@ def build_data(cfg, seq_len: int, new_tokens: int) -> dict:
         korean=[SAMPLE / "korean"], mcq=SAMPLE / "kormedmcqa/train.jsonl", medical_dict=SAMPLE / "medical_dict.json",
         char_dict=SAMPLE / "char_dict.json", exclude_mcq=[SAMPLE / "kormedmcqa/test.jsonl"], seed=cfg.train.seed,
     ), work)
-    vocab_report = extend_tokenizer(cfg.model.name, work / "raw_text_mixed.jsonl", tokenizer, new_tokens)
+    vocab_report = extend_tokenizer(ExtendOptions(
+        base=cfg.model.name, corpus=work / "raw_text_mixed.jsonl", out_dir=tokenizer, max_new_tokens=new_tokens,
+    ))
     manifest = write_shards(work / "raw_text_mixed.jsonl", shards, ShardOptions(
         tokenizer=str(tokenizer), seq_len=seq_len, val_fraction=0.05, seed=cfg.train.seed, workers=1,
     ), corpus_report=corpus_report)

@@ -42,7 +42,9 @@ How the tokens are added, and why:
   matcher splits Gemma's unsplit lines into shorter BPE words), so the choice rests on segmentation.
 
 The output directory holds the extended ``tokenizer.json`` (plus the base's tokenizer config), so
-``AutoTokenizer.from_pretrained(out)`` loads it, and ``report.json``.
+``AutoTokenizer.from_pretrained(out)`` loads it, and ``report.json``. It is written beside ``out``
+and renamed into place when complete: a crash never leaves the base tokenizer, or half of the new
+one, under the extended name.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from korcpt.assets import load_tokenizer, replace_dir, staging_dir
 from korcpt.errors import DataError, ModelError
 from korcpt.log import get_logger
 
@@ -80,6 +83,30 @@ class Extension:
     """Tokens each new token saved on the training corpus when it was chosen."""
     corpus_tokens_before: int = 0
     corpus_tokens_after: int = 0
+
+
+@dataclass
+class ExtendOptions:
+    """Options of the vocabulary stage; ``tools/extend_tokenizer.py`` takes its flag defaults from here."""
+
+    # Base tokenizer: a directory, hub id or preset name (see korcpt.assets).
+    base: str
+    # Output directory, loadable with AutoTokenizer.from_pretrained; built beside it and renamed into place.
+    out_dir: Path
+    # Cap on new vocabulary entries (merged tokens plus added syllables).
+    max_new_tokens: int
+    # raw_text_mixed.jsonl ({"text"} lines), or None to learn from the term files alone.
+    corpus: Path | None = None
+    # Term files, one term a line, learned from as more corpus lines.
+    terms: tuple[Path, ...] = ()
+    # A new token must save at least this many tokens on the training text.
+    min_frequency: int = 2
+    # Also add Hangul syllables missing from the base vocabulary (else they take three byte tokens).
+    add_syllables: bool = True
+    # Read at most this many corpus characters (0: all).
+    max_corpus_chars: int = 0
+    # Text files measured before/after in report.json (tokens per 100 syllables, chars/s, round trip).
+    eval_files: tuple[Path, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------- input
@@ -338,20 +365,54 @@ def extended_tokenizer_json(base_json: dict, ext: Extension) -> dict:
     return out
 
 
+def _write_extended_tokenizer(base_tokenizer, ext: Extension, directory: Path):
+    """Write the base tokenizer's files with ``ext`` appended into ``directory``; return it loaded from there."""
+    from transformers import AutoTokenizer
+
+    base_tokenizer.save_pretrained(directory)
+    data = extended_tokenizer_json(json.loads(base_tokenizer.backend_tokenizer.to_str()), ext)
+    (directory / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(directory)
+    expected = len(base_tokenizer) + len(ext.new_tokens)
+    if len(tok) != expected:
+        raise ModelError(f"the extended tokenizer has {len(tok)} tokens once saved, expected {expected}")
+    return tok
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output path whose replacement would lose something: a file, or a non-empty
+    directory that is not a tokenizer (an earlier output, holding ``tokenizer.json``, is replaced).
+
+    Raises:
+        DataError: ``out_dir`` is such a path.
+    """
+    if not out_dir.exists():
+        return
+    if out_dir.is_dir() and (not any(out_dir.iterdir()) or (out_dir / "tokenizer.json").is_file()):
+        return
+    raise DataError(f"output {out_dir} exists and is not a tokenizer directory; expected a new or empty "
+                    "directory, or an earlier extended tokenizer (it is replaced whole)")
+
+
 def build_extended_tokenizer(base_tokenizer, ext: Extension, out_dir: Path):
-    """Save the base tokenizer with ``ext`` appended into ``out_dir``; return it loaded from there."""
+    """Save the base tokenizer with ``ext`` appended as ``out_dir``; return it loaded from there.
+
+    The files are written into a sibling directory that is renamed to ``out_dir`` once the saved
+    tokenizer has loaded with the expected size, so ``out_dir`` never holds the base tokenizer or a
+    half-written one; an earlier ``out_dir`` is replaced whole.
+
+    Raises:
+        DataError: ``out_dir`` is a file or a non-empty directory that is not a tokenizer.
+        ModelError: a new token is already in the base vocabulary, or the saved tokenizer has the wrong size.
+    """
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_tokenizer.save_pretrained(out_dir)
-    data = extended_tokenizer_json(json.loads(base_tokenizer.backend_tokenizer.to_str()), ext)
-    (out_dir / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    tok = AutoTokenizer.from_pretrained(out_dir)
-    expected = len(base_tokenizer) + len(ext.new_tokens)
-    if len(tok) != expected:
-        raise ModelError(f"saved tokenizer in {out_dir} has {len(tok)} tokens, expected {expected}")
-    return tok
+    check_out_dir(out_dir)
+    with staging_dir(out_dir) as tmp:
+        _write_extended_tokenizer(base_tokenizer, ext, tmp)
+        replace_dir(tmp, out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
 
 
 # --------------------------------------------------------------------------------------- measurement
@@ -428,60 +489,67 @@ def new_token_share(tokenizer, base_vocab_size: int, lines: list[str]) -> float:
     return sum(1 for e in encs for i in e.ids if i >= base_vocab_size) / max(total, 1)
 
 
-def extend_tokenizer(
-    base: str,
-    corpus: Path | None,
-    out_dir: Path,
-    max_new_tokens: int,
-    terms: Iterable[Path] = (),
-    min_frequency: int = 2,
-    add_syllables: bool = True,
-    max_corpus_chars: int = 0,
-    eval_files: Iterable[Path] = (),
-) -> dict:
-    """Learn Korean tokens for the tokenizer ``base``, save the extended tokenizer and ``report.json``.
+def extend_tokenizer(opts: ExtendOptions) -> dict:
+    """Learn Korean tokens for the tokenizer ``opts.base``; save the extended tokenizer and ``report.json``.
+
+    Both are written into a sibling of ``opts.out_dir`` that is renamed into place when complete.
 
     Args:
-        base: tokenizer directory, hub id or preset name (see :mod:`korcpt.assets`).
-        corpus: ``raw_text_mixed.jsonl`` (``{"text"}`` lines), or None to learn from ``terms`` alone.
-        out_dir: output directory (created); loadable with ``AutoTokenizer.from_pretrained``.
-        max_new_tokens: cap on new vocabulary entries.
-        terms: term files, one term a line, learned from as more corpus lines.
-        min_frequency: a new token must save at least this many tokens on the training text.
-        add_syllables: also add Hangul syllables missing from the base vocabulary.
-        max_corpus_chars: read at most this many corpus characters (0: all).
-        eval_files: text files measured before/after (tokens per 100 syllables, chars/s, round trip).
+        opts: the stage's options (see :class:`ExtendOptions`).
 
     Returns:
         The report (also written to ``out_dir/report.json``).
-    """
-    from korcpt.assets import load_tokenizer
 
-    if max_new_tokens < 1:
-        raise ModelError(f"--max-new-tokens is {max_new_tokens}, expected at least 1")
-    terms, eval_files = list(terms), list(eval_files)
-    if corpus is None and not terms:
-        raise DataError("nothing to learn from: give a corpus, term files, or both")
-    base_tok = load_tokenizer(base)
-    if not base_tok.is_fast:
-        raise ModelError(f"tokenizer {base!r} is not a fast (tokenizers) tokenizer; expected a tokenizer.json")
+    Raises:
+        DataError: nothing to learn from, an unreadable input, no token worth adding, or an
+            ``out_dir`` that is not a tokenizer directory.
+        ModelError: a bad ``max_new_tokens``, or a base tokenizer that is not a fast BPE tokenizer.
+    """
+    _check_options(opts)
+    base_tok = _load_base_tokenizer(opts.base)
     start = time.perf_counter()
-    ext = learn_extension(
-        base_tok, read_texts(corpus, terms, max_corpus_chars), max_new_tokens, min_frequency, add_syllables
-    )
+    texts = read_texts(opts.corpus, opts.terms, opts.max_corpus_chars)
+    ext = learn_extension(base_tok, texts, opts.max_new_tokens, opts.min_frequency, opts.add_syllables)
     learn_s = time.perf_counter() - start
     if not ext.new_tokens:
-        raise DataError(f"no token saves {min_frequency} or more tokens on the given text: nothing to add")
-    new_tok = build_extended_tokenizer(base_tok, ext, out_dir)
-    base_size = len(base_tok)
+        raise DataError(f"no token saves {opts.min_frequency} or more tokens on the given text: nothing to add")
     log.info("learned %d new tokens in %.1f s; corpus tokens %d -> %d", len(ext.new_tokens), learn_s,
              ext.corpus_tokens_before, ext.corpus_tokens_after)
-    report = {
-        "base": base,
-        "corpus": str(corpus) if corpus else None,
-        "terms": [str(p) for p in terms],
-        "max_new_tokens": max_new_tokens,
-        "min_frequency": min_frequency,
+    out_dir = Path(opts.out_dir)
+    with staging_dir(out_dir) as tmp:
+        new_tok = _write_extended_tokenizer(base_tok, ext, tmp)
+        report = _report(opts, base_tok, new_tok, ext, learn_s)
+        (tmp / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    return report
+
+
+def _check_options(opts: ExtendOptions) -> None:
+    """Refuse options that cannot give a tokenizer before anything is loaded or learned."""
+    if opts.max_new_tokens < 1:
+        raise ModelError(f"--max-new-tokens is {opts.max_new_tokens}, expected at least 1")
+    if opts.corpus is None and not opts.terms:
+        raise DataError("nothing to learn from: give a corpus, term files, or both")
+    check_out_dir(Path(opts.out_dir))
+
+
+def _load_base_tokenizer(base: str):
+    tok = load_tokenizer(base)
+    if not tok.is_fast:
+        raise ModelError(f"tokenizer {base!r} is not a fast (tokenizers) tokenizer; expected a tokenizer.json")
+    return tok
+
+
+def _report(opts: ExtendOptions, base_tok, new_tok, ext: Extension, learn_s: float) -> dict:
+    """The contents of ``report.json``: settings, sizes, training-text savings and the eval figures."""
+    base_size = len(base_tok)
+    eval_lines = {p.name: read_lines(p) for p in opts.eval_files}
+    return {
+        "base": opts.base,
+        "corpus": str(opts.corpus) if opts.corpus else None,
+        "terms": [str(p) for p in opts.terms],
+        "max_new_tokens": opts.max_new_tokens,
+        "min_frequency": opts.min_frequency,
         "method": "continued BPE: new vocab entries and merges appended after the base's (lowest priority)",
         "base_vocab_size": base_size,
         "new_vocab_size": len(new_tok),
@@ -493,7 +561,5 @@ def extend_tokenizer(
         "training_tokens_after": ext.corpus_tokens_after,
         "learn_seconds": round(learn_s, 2),
         "top_new_tokens": [{"token": t, "saved": s} for t, s in zip(ext.new_tokens[:50], ext.saved[:50])],
-        "eval": compare(base_tok, new_tok, {p.name: read_lines(p) for p in eval_files}) if eval_files else {},
+        "eval": compare(base_tok, new_tok, eval_lines) if eval_lines else {},
     }
-    (Path(out_dir) / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    return report
