@@ -28,7 +28,7 @@ def _child(args: argparse.Namespace) -> None:
     from torch.utils._pytree import tree_flatten
     from torch.utils.weak import WeakIdKeyDictionary
 
-    from korcpt.train.loss import causal_lm_loss
+    from korcpt.model.loss import causal_lm_loss
 
     class LiveBytes(TorchDispatchMode):
         def __init__(self):

@@ -176,7 +176,8 @@ def flops_per_token(arch: dict, vocab_rows: int, seq_len: int, r: int, new_rows:
     """Model FLOPs per processed token of a LoRA run (module docstring); counts from the meta model."""
     import torch
 
-    from korcpt.model.memory import arch_info, build_meta_model
+    from korcpt.model.load import build_meta_model
+    from korcpt.model.memory import arch_info
 
     model = build_meta_model(arch, vocab_rows)
     info = arch_info(arch, vocab_rows)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from korcpt.eval.perplexity import evaluate_perplexity, forward_kwargs, token_nll
+from korcpt.eval.perplexity import evaluate_perplexity
+from korcpt.model.loss import forward_kwargs, token_nll
 
 VOCAB = 97
 

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from korcpt.train.loss import causal_lm_loss
+from korcpt.model.loss import causal_lm_loss
 
 VOCAB = 262_144  # Gemma 3
 HIDDEN = 64

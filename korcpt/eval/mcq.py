@@ -49,8 +49,10 @@ import torch
 
 from korcpt.corpus.mcq import LETTERS, MCQItem, MCQRecordError, parse_mcq_record
 from korcpt.errors import DataError, ModelError
-from korcpt.eval.perplexity import forward_kwargs, model_config, model_device
+from korcpt.eval.perplexity import model_device
 from korcpt.log import get_logger, progress
+from korcpt.model.lora import unwrap_base
+from korcpt.model.loss import forward_kwargs
 
 log = get_logger(__name__)
 
@@ -320,7 +322,7 @@ def score_mcq(
     pool = list(fewshot) if fewshot is not None else valid
     examples = [select_fewshot(item, pool, shots) for item in valid]  # raises before any forward
     if max_length is None:
-        config = model_config(model)
+        config = unwrap_base(model).config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         max_length = getattr(text, "max_position_embeddings", None)
 

@@ -1,14 +1,21 @@
 """Checkpoints written atomically, found again by ``--resume auto``, and the final adapter output.
 
 A checkpoint is ``checkpoints/step-00000120/``: Accelerate's full training state (model, optimizer,
-scheduler, RNG; DeepSpeed's ZeRO partitions under DeepSpeed) plus ``trainer_state.json`` (step and
-token counters, the reader's resume state) and the resolved config. It is written under a
-``.tmp-`` name and renamed when every rank has finished, so a crash while saving leaves the previous
-checkpoint as the newest complete one.
+scheduler, RNG; DeepSpeed's ZeRO partitions under DeepSpeed) plus ``trainer_state.json``: the trainer's
+counters, the reader's stream state (``SequenceStream.state_dict()``), the identity of the data order
+and the resolved config. It is written under a ``.tmp-`` name and renamed when every rank has
+finished, so a crash while saving leaves the previous checkpoint as the newest complete one.
+
+A resume compares the saved data order with the configured one (:func:`data_order`) and refuses a
+mismatch in one line with found/expected: another seed, other shards of the same size, another
+sample limit or another global batch would silently train a different order. Another world size
+with the same global batch continues exactly (the order does not depend on the number of ranks),
+except under DeepSpeed, whose ZeRO partitions are per rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,8 +23,12 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from korcpt.config import RunConfig
 from korcpt.errors import TrainingError
+from korcpt.log import get_logger
 from korcpt.shards.format import atomic_write_json
+
+log = get_logger(__name__)
 
 try:
     from safetensors import SafetensorError
@@ -32,20 +43,68 @@ STATE_FILE = "trainer_state.json"
 
 @dataclass
 class TrainerState:
-    """Counters a resumed run continues from (saved as trainer_state.json)."""
+    """Counters a resumed run continues from (saved in trainer_state.json). Its size does not grow
+    with the run: per-step losses and evaluations go to the append-only ``metrics.jsonl``
+    (:class:`korcpt.train.metrics.RunRecord`), where the stream's position is the stream's own state."""
 
     step: int = 0  # optimizer steps done
-    micro_step: int = 0  # micro-batches done (per rank)
-    epoch: int = 0  # epoch of the data stream
-    consumed: int = 0  # global sequences consumed in this epoch (all ranks)
     tokens_seen: int = 0  # target tokens trained on, all ranks
     train_seconds: float = 0.0
     bad_steps_total: int = 0
+    bad_in_a_row: int = 0  # non-finite steps skipped since the last good one (0 at every save)
     best_val_loss: float | None = None
     evals_without_improvement: int = 0
-    history: list = field(default_factory=list)
-    losses: list = field(default_factory=list)
     baseline: dict = field(default_factory=dict)
+    stop_reason: str | None = None  # early stop or non-finite streak: a resume from there trains no further
+
+    def count(self, result, max_bad_steps: int) -> None:
+        """Count one optimizer step's ``result`` (a good step, or a skipped non-finite one); stop after
+        ``max_bad_steps`` skipped in a row."""
+        self.train_seconds += result.seconds
+        if not result.finite:
+            self.bad_in_a_row += 1
+            self.bad_steps_total += 1
+            log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", self.step + 1,
+                        self.bad_in_a_row)
+            if self.bad_in_a_row >= max_bad_steps:
+                self.stop_reason = (f"non_finite: {self.bad_in_a_row} consecutive optimizer steps with a "
+                                    "non-finite loss or gradient")
+            return
+        self.bad_in_a_row = 0
+        self.step += 1
+        self.tokens_seen += result.tokens
+
+
+def data_order(cfg: RunConfig, shards, world_size: int) -> dict:
+    """What fixes the order of the training sequences: a resume must find the same values.
+
+    ``shards_sha256`` hashes the train shards' checksums in the manifest, so rebuilt shards with the
+    same count but other content differ; the world size is not part of it (see the module docstring).
+    """
+    listing = json.dumps([[e["path"], e["sequences"], e["sha256"]] for e in shards.entries])
+    return {"seed": cfg.train.seed, "num_sequences": shards.num_sequences, "seq_len": shards.seq_len,
+            "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(), "max_samples": cfg.train.max_samples,
+            "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size}
+
+
+def check_resumable(path: Path, payload: dict, expected_order: dict, world_size: int, deepspeed: bool) -> None:
+    """Refuse, in one line, a checkpoint whose data order or engine differs from the run's."""
+    if "data_order" not in payload or "stream" not in payload:
+        raise TrainingError(f"checkpoint {path} holds no data order or stream state (written by an older korcpt); "
+                            "start the run afresh")
+    saved = payload["data_order"]
+    diffs = [f"{key} {saved.get(key)!r} in the checkpoint, expected {value!r}"
+             for key, value in expected_order.items() if saved.get(key) != value]
+    if diffs:
+        raise TrainingError(f"cannot resume from {path}: the data order changed ({'; '.join(diffs)}); "
+                            "resume with the checkpoint's settings or start afresh in another output.dir")
+    if payload.get("deepspeed") != deepspeed:
+        raise TrainingError(f"cannot resume from {path}: written {'with' if payload.get('deepspeed') else 'without'} "
+                            f"DeepSpeed, expected {'with' if deepspeed else 'without'} (the run's launcher)")
+    if deepspeed and payload.get("world_size") != world_size:
+        raise TrainingError(f"cannot resume from {path}: its DeepSpeed ZeRO partitions are for world size "
+                            f"{payload.get('world_size')}, expected {world_size}; resume with {payload.get('world_size')} "
+                            "processes")
 
 
 def checkpoint_name(step: int) -> str:
@@ -107,15 +166,19 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, extra: dict, k
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[TrainerState, dict]:
-    """Restore the training state saved by :func:`save_checkpoint`.
+def restore_state(accelerator, path: Path, payload: dict, same_world: bool) -> TrainerState:
+    """Restore the training state saved by :func:`save_checkpoint`, whose ``trainer_state.json`` is ``payload``.
+
+    Args:
+        same_world: the checkpoint was written at this world size, so this rank's RNG file must be
+            there; at another world size the RNG streams cannot carry over (the caller reseeds them).
 
     Raises:
         TrainingError: a file of the checkpoint is missing, damaged or refused (a pickle with a payload),
             naming the checkpoint, instead of torch's traceback.
     """
-    payload = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    _check_rng_state(path / f"random_states_{accelerator.process_index}.pkl")
+    if same_world:
+        _check_rng_state(path / f"random_states_{accelerator.process_index}.pkl")
     try:
         accelerator.load_state(str(path))
     # torch's weights-only unpickler refusing a payload raises UnpicklingError, a truncated file
@@ -123,8 +186,47 @@ def load_checkpoint(accelerator, path: Path) -> tuple[TrainerState, dict]:
     except Exception as exc:  # noqa: BLE001 - the message keeps the type and first line of the cause
         raise TrainingError(f"checkpoint {path} cannot be restored ({_first_line(exc)}); "
                             f"resume from an older one with --resume PATH") from exc
-    state = TrainerState(**payload.pop("state"))
-    return state, payload
+    return TrainerState(**payload["state"])
+
+
+class Checkpointer:
+    """Saves the run every ``train.save_steps`` optimizer steps and at its end, and resumes it."""
+
+    def __init__(self, accelerator, cfg: RunConfig, stream, order: dict):
+        self.accelerator, self.cfg, self.stream, self.order = accelerator, cfg, stream, order
+        self.root = Path(cfg.output.dir) / "checkpoints"
+        self.deepspeed = accelerator.state.deepspeed_plugin is not None
+
+    def restore(self, resume: str) -> TrainerState | None:
+        """The state to continue from (``resume``: ``auto``, a checkpoint path or ""), or None to start
+        afresh; the stream is put back where the checkpoint left it."""
+        path = find_resume(self.root, resume)
+        if path is None:
+            return None
+        payload = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        world = self.accelerator.num_processes
+        check_resumable(path, payload, self.order, world, self.deepspeed)
+        same_world = payload["world_size"] == world
+        state = restore_state(self.accelerator, path, payload, same_world)
+        if not same_world:  # per-rank RNG streams (dropout) start again from the seed and the step
+            from accelerate.utils import set_seed
+
+            set_seed(self.cfg.train.seed + state.step, device_specific=True)
+        self.stream.load_state_dict(payload["stream"])
+        log.info("resumed from %s at step %d (written by %d process(es); stream %s)", path, state.step,
+                 payload["world_size"], payload["stream"])
+        return state
+
+    def maybe_save(self, state: TrainerState, last: bool) -> None:
+        """Save every ``train.save_steps`` steps; the last step is saved by :meth:`save` at the run's end."""
+        every = self.cfg.train.save_steps
+        if every and state.step % every == 0 and not last:
+            self.save(state)
+
+    def save(self, state: TrainerState) -> Path:
+        extra = {"stream": self.stream.state_dict(), "data_order": self.order, "deepspeed": self.deepspeed,
+                 "world_size": self.accelerator.num_processes, "config": self.cfg.to_dict()}
+        return save_checkpoint(self.accelerator, self.root, state, extra, self.cfg.train.keep_last)
 
 
 def _check_rng_state(path: Path) -> None:

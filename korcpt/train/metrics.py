@@ -1,11 +1,14 @@
-"""TensorBoard scalars (namespaced, with units in their names where they have one) and the run record."""
+"""Where a run reports: TensorBoard scalars (namespaced, with units in their names where they have one),
+the append-only ``metrics.jsonl``, each rank's sample log, and the progress bar."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
-from korcpt.log import get_logger
+from korcpt.config import RunConfig, config_json, save_config
+from korcpt.log import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -35,6 +38,103 @@ class Metrics:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+METRICS_FILE = "metrics.jsonl"
+# ``kind`` of a metrics.jsonl record; within one step, history lists an evaluation before the final one
+_EVAL_KINDS = ("eval", "final")
+
+
+class RunRecord:
+    """Reports a run: TensorBoard (rank 0), ``metrics.jsonl`` beside the checkpoints (rank 0; one JSON
+    object per optimizer step ``{"kind": "train", "step", "loss", ...}`` and per evaluation, ``kind``
+    ``eval`` or ``final``), ``samples/rankNNN.jsonl`` (every rank: the sequence ids of each step) and
+    the progress bar.
+
+    Both files are append-only: a resumed run appends the steps it replays after its checkpoint, and
+    the newest record of a (kind, step) is the one that counts (:meth:`history`, :meth:`losses`), so
+    the sample log still shows what a killed attempt trained.
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator, total_steps: int, start_step: int, flops_per_token: float):
+        out_dir = Path(cfg.output.dir)
+        self.main, self.world = accelerator.is_main_process, accelerator.num_processes
+        self.log_steps, self.flops_per_token = cfg.train.log_steps, flops_per_token
+        self.peak = peak_tflops(cfg.train.peak_tflops)
+        if self.main:  # the resolved config beside the outputs, and in TensorBoard
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / "config.yaml")
+        self.tensorboard = Metrics(out_dir / "tensorboard", self.main)
+        self.tensorboard.text("config", f"```\n{config_json(cfg)}\n```")
+        self.metrics_path = out_dir / METRICS_FILE
+        self.metrics = open(self.metrics_path, "a", encoding="utf-8") if self.main else None
+        samples = out_dir / "samples" / f"rank{accelerator.process_index:03d}.jsonl"
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        self.samples = open(samples, "a", encoding="utf-8")
+        self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
+
+    def train_step(self, state, result, lr: float) -> None:
+        """One good optimizer step (a :class:`korcpt.train.loop.StepResult`, counted in ``state``) at
+        learning rate ``lr``."""
+        step = state.step
+        self._write(self.samples, {"step": step, "ids": result.sample_ids})
+        self._write(self.metrics, {"kind": "train", "step": step, "loss": result.loss, "tokens": result.tokens,
+                                   "grad_norm": result.grad_norm, "lr": lr})
+        if step % self.log_steps == 0:
+            per_device = result.tokens / result.seconds / self.world
+            self.tensorboard.scalars(step, {
+                "train/tokens_per_sec_per_device": per_device,
+                "train/mfu": mfu(per_device, self.flops_per_token, self.peak),
+                "train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                "train/tokens_per_sec": result.tokens / result.seconds, "train/tokens_seen": state.tokens_seen,
+            })
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.seconds:.0f}")
+
+    def evaluation(self, step: int, result: dict, kind: str = "eval") -> None:
+        """An evaluation's ``result`` (:class:`korcpt.train.evaluation.Evaluator`) at ``step``."""
+        if not result:
+            return
+        entry = {"step": step, "val_loss": result.get("val_loss"), "val_ppl": result.get("val_ppl"),
+                 "mcq_accuracy": result.get("mcq_accuracy")}
+        entry.update({k: v for k, v in result.items() if k.startswith("val_loss_") or k.startswith("mcq_")})
+        self._write(self.metrics, {"kind": kind, **entry})
+        self.tensorboard.scalars(step, {"val/loss": entry["val_loss"], "val/ppl": entry["val_ppl"],
+                                        "eval/kormedmcqa_acc": entry["mcq_accuracy"],
+                                        **{f"val/loss_{k[len('val_loss_'):]}": v for k, v in result.items()
+                                           if k.startswith("val_loss_")}})
+        log.info("eval at step %d: %s", step, {k: v for k, v in entry.items() if v is not None and k != "mcq_by_group"})
+
+    def history(self) -> list[dict]:
+        """Every evaluation, by step (rank 0; empty elsewhere)."""
+        newest = self._newest(_EVAL_KINDS)
+        order = sorted(newest, key=lambda key: (key[1], _EVAL_KINDS.index(key[0])))
+        return [{k: v for k, v in newest[key].items() if k != "kind"} for key in order]
+
+    def losses(self) -> list[dict]:
+        """``[{"step", "loss"}]`` of every optimizer step (rank 0; empty elsewhere)."""
+        newest = self._newest(("train",))
+        return [{"step": step, "loss": newest[kind, step]["loss"]} for kind, step in sorted(newest)]
+
+    def close(self) -> None:
+        self.bar.close()
+        self.samples.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        self.tensorboard.close()
+
+    def _newest(self, kinds: tuple[str, ...]) -> dict[tuple[str, int], dict]:
+        if not self.main:
+            return {}
+        self.metrics.flush()
+        records = (json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines())
+        return {(r["kind"], r["step"]): r for r in records if r["kind"] in kinds}
+
+    @staticmethod
+    def _write(file, record: dict) -> None:
+        if file is not None:
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            file.flush()
 
 
 def versions() -> dict[str, str]:

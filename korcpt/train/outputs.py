@@ -7,6 +7,7 @@ public reports end up with empty or zero-shaped adapters. Only the trainable par
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from korcpt.config import RunConfig
 from korcpt.model.lora import trained_rows
 from korcpt.shards.format import atomic_write_json
+from korcpt.train.metrics import mfu, versions
 
 
 def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
@@ -102,3 +104,47 @@ def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict) -> N
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
         atomic_write_json(out_dir / "training_info.json", info)
     accelerator.wait_for_everyone()
+
+
+def training_info(cfg: RunConfig, state, final: dict, record, counts: tuple[int, int], new_tokens: int,
+                  workarounds: list[str]) -> dict:
+    """The run record of ``training_info.json``: figures at the baseline, the end and the best, the
+    evaluation history and per-step losses (read back from ``metrics.jsonl``), throughput, versions
+    and the upstream workarounds the run needed."""
+    trainable_n, total_n = counts
+    base = state.baseline
+    losses = [x for x in (state.best_val_loss, final.get("val_loss")) if x is not None]
+    best = min(losses) if losses else None
+    tokens_per_sec = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = tokens_per_sec / record.world
+    return {
+        "config": cfg.to_dict(),
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "train_seconds": round(state.train_seconds, 3),
+        "tokens_per_sec": tokens_per_sec,
+        "trainable_params": trainable_n,
+        "total_params": total_n,
+        "trainable_percent": 100.0 * trainable_n / total_n,
+        "val_loss_baseline": base.get("val_loss"),
+        "val_loss_final": final.get("val_loss"),
+        "val_loss_best": best,
+        "val_ppl_baseline": base.get("val_ppl"),
+        "val_ppl_final": final.get("val_ppl"),
+        "val_ppl_best": math.exp(best) if best is not None else None,
+        "mcq_accuracy_baseline": base.get("mcq_accuracy"),
+        "mcq_accuracy_final": final.get("mcq_accuracy"),
+        "history": record.history(),
+        "losses": record.losses(),
+        "bad_steps": state.bad_steps_total,
+        "stop_reason": state.stop_reason or ("max_steps" if cfg.train.max_steps else "epochs"),
+        "world_size": world,
+        "versions": versions(),
+        "workarounds": workarounds,
+        "new_tokens": new_tokens,
+        "flops_per_token": record.flops_per_token,
+        "tokens_per_sec_per_device": per_device,
+        "peak_tflops": record.peak,
+        "mfu": mfu(per_device, record.flops_per_token, record.peak),
+    }

@@ -1,0 +1,119 @@
+"""Evaluation during a run and the stop rule it feeds.
+
+:class:`Evaluator` runs validation loss/perplexity (token-weighted over all ranks) and KorMedMCQA
+accuracy at the configured cadence; :class:`EarlyStopper` turns each result into a reason to stop,
+keeping its counters in the checkpointed :class:`korcpt.train.checkpoint.TrainerState`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from korcpt.config import EvalConfig, RunConfig
+from korcpt.log import get_logger
+from korcpt.model.loss import model_batch
+
+log = get_logger(__name__)
+
+
+def load_mcq_for_run(cfg: RunConfig):
+    """``(items, fewshot, skipped)`` of ``eval.mcq_file``, or None without one; skipped items are logged."""
+    if not cfg.eval.mcq_file:
+        return None
+    from korcpt.eval.mcq import load_mcq
+
+    items, skipped = load_mcq(cfg.eval.mcq_file)
+    for message in skipped[:5]:
+        log.warning("MCQ item skipped: %s", message)
+    if cfg.eval.mcq_max_questions:
+        items = items[: cfg.eval.mcq_max_questions]
+    fewshot = load_mcq(cfg.eval.mcq_fewshot_file)[0] if cfg.eval.mcq_fewshot_file else None
+    return items, fewshot, skipped
+
+
+class Evaluator:
+    """Validation perplexity every ``eval.steps`` and KorMedMCQA every ``eval.mcq_steps`` optimizer steps
+    (neither at the last step: the final evaluation covers it), and everything at the baseline and the end."""
+
+    def __init__(self, model, tokenizer, val_set, cfg: RunConfig, accelerator, total_steps: int):
+        self.model, self.tokenizer, self.val_set, self.cfg = model, tokenizer, val_set, cfg
+        self.accelerator, self.total_steps = accelerator, total_steps
+        self.mcq = load_mcq_for_run(cfg)
+
+    def _due(self, every: int, step: int) -> bool:
+        return bool(every) and step % every == 0 and step < self.total_steps
+
+    def should_run(self, step: int) -> bool:
+        return self._due(self.cfg.eval.steps, step) or self._due(self.cfg.eval.mcq_steps, step)
+
+    def run(self, step: int | None = None) -> dict:
+        """What is due at ``step``, or everything (``step`` None: baseline and final evaluation)."""
+        ppl = step is None or self._due(self.cfg.eval.steps, step)
+        mcq = step is None or self._due(self.cfg.eval.mcq_steps, step)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            result = {**(self._perplexity() if ppl and self.val_set is not None else {}),
+                      **(self._mcq() if mcq and self.mcq is not None else {})}
+        if was_training:
+            self.model.train()
+        return result
+
+    def _perplexity(self) -> dict:
+        from korcpt.eval.perplexity import evaluate_perplexity
+        from korcpt.shards.reader import SequenceStream
+
+        acc, val_set, cfg = self.accelerator, self.val_set, self.cfg
+        stream = SequenceStream(val_set, seed=0, rank=acc.process_index, world_size=acc.num_processes,
+                                shuffle=False, limit=cfg.eval.max_val_sequences)
+        loader = torch.utils.data.DataLoader(stream, batch_size=cfg.eval.batch_size)
+        batches = (self._val_batch(b) for b in loader)
+        ppl = evaluate_perplexity(self.model, batches, reduce=lambda t: acc.reduce(t, "sum"),
+                                  source_names=val_set.sources or None)
+        result = {f"val_loss_{name}": part["loss"] for name, part in ppl.get("by_source", {}).items()}
+        result.update(val_loss=ppl["loss"], val_ppl=ppl["ppl"], val_tokens=ppl["tokens"])
+        return result
+
+    def _val_batch(self, batch: dict) -> dict:
+        """A validation batch with model inputs, labels and, for per-source losses, each target's source;
+        only what the training forward gets (:func:`korcpt.model.loss.model_batch`)."""
+        sources = torch.stack([torch.from_numpy(self.val_set.source_ids(int(i))[1:].astype("int64"))
+                               for i in batch["sample_id"]])
+        device = self.accelerator.device
+        return {**model_batch(self.model, batch, self.cfg.data.document_mask, device), "token_source": sources.to(device)}
+
+    def _mcq(self) -> dict:
+        from accelerate.utils import gather_object
+
+        from korcpt.eval.mcq import score_mcq
+
+        items, fewshot, skipped = self.mcq
+        cfg, acc = self.cfg.eval, self.accelerator
+        scored = score_mcq(self.model, self.tokenizer, items, mode=cfg.mcq_mode, fewshot=fewshot, shots=cfg.mcq_shots,
+                           batch_size=cfg.batch_size, rank=acc.process_index, world_size=acc.num_processes,
+                           gather=gather_object, skipped=skipped)
+        return {"mcq_accuracy": scored["accuracy"], "mcq_n": scored["n"], "mcq_skipped": scored["n_skipped"],
+                "mcq_ci95": scored["ci95"], "mcq_by_group": scored["by_group"]}
+
+
+class EarlyStopper:
+    """The spec's stop rule over validation results: validation loss not better by ``eval.min_delta``
+    for ``eval.patience`` evaluations, or perplexity at or below ``eval.target_ppl`` (0: off)."""
+
+    def __init__(self, ecfg: EvalConfig, state):
+        self.ecfg, self.state = ecfg, state
+
+    def update(self, result: dict) -> str | None:
+        """Record ``result`` (best loss, evaluations without improvement) and say why to stop, if it is time."""
+        loss, state, ecfg = result.get("val_loss"), self.state, self.ecfg
+        if loss is None:
+            return None
+        improved = state.best_val_loss is None or loss < state.best_val_loss - ecfg.min_delta
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        state.best_val_loss = loss if state.best_val_loss is None else min(loss, state.best_val_loss)
+        if ecfg.target_ppl and result["val_ppl"] <= ecfg.target_ppl:
+            return f"target_ppl: validation perplexity {result['val_ppl']:.3f} <= {ecfg.target_ppl}"
+        if ecfg.patience and state.evals_without_improvement >= ecfg.patience:
+            return (f"early_stopping: validation loss did not improve by {ecfg.min_delta} "
+                    f"for {ecfg.patience} evaluations")
+        return None
