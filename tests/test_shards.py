@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from korcpt.corpus.validation import write_val_documents
 from korcpt.errors import TrainingError
 from korcpt.shards import (
     IGNORE_INDEX,
@@ -270,9 +271,10 @@ def test_explicit_validation_files(built, tmp_path):
     root = directory.parent
     held = [records[5]["text"], records[0]["text"]]  # records[0:5] are the 5 copies of a medical text
     (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in held))
+    write_val_documents([tmp_path / "val.jsonl"], tmp_path / "val_documents.jsonl")  # the corpus stage's part
     manifest = write_shards(root / "corpus.jsonl", tmp_path / "out",
-                            ShardOptions(tokenizer=str(root / "tok"), seq_len=4, val_korean=[tmp_path / "val.jsonl"],
-                                         shard_tokens=300, workers=1))
+                            ShardOptions(tokenizer=str(root / "tok"), seq_len=4,
+                                         val_documents=tmp_path / "val_documents.jsonl", shard_tokens=300, workers=1))
     assert manifest["split"]["method"] == "files" and manifest["counts"]["val"]["documents"] == 2
     train_texts = [records[i - 1]["text"] for i in split_lines(tmp_path / "out", "train")]
     assert not set(held) & set(train_texts)

@@ -4,53 +4,111 @@
         --char-dict chars.json --tokenizer gemma3-270m --out data/shards/full
     python tools/build_shards.py --corpus-only --korean ... --out DIR      # corpus stage alone
     python tools/build_shards.py --from-jsonl DIR/raw_text_mixed.jsonl --tokenizer PATH --out DIR
+
+With --val-korean, the corpus stage first cleans those files into DIR/val_documents.jsonl, the
+validation set the shard stage packs. Defaults are those of korcpt.corpus.build.CorpusOptions and
+korcpt.shards.writer.ShardOptions.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import re
 from pathlib import Path
+from typing import Any
 
 import _bootstrap  # noqa: F401
 
 from korcpt.cli import run_tool
+from korcpt.corpus.build import OUTPUT_NAME, CorpusOptions
+from korcpt.corpus.validation import VAL_NAME
 from korcpt.errors import DataError
+from korcpt.shards.format import MANIFEST
+from korcpt.shards.writer import ShardOptions
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The usage examples as written, and every option's default (from the dataclasses) in its help."""
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The comment above each field of dataclass ``cls``: korcpt documents its option fields that way."""
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            comment.append(text.lstrip("# "))
+            continue
+        field = re.match(r"(\w+)\s*:", text)
+        if field and comment:
+            docs[field.group(1)] = " ".join(comment)
+        comment = []
+    return docs
+
+
+_DOCS = {cls: _field_docs(cls) for cls in (CorpusOptions, ShardOptions)}
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _add(group: Any, cls: type, name: str, **kwargs) -> None:
+    """``--name`` for field ``name`` of ``cls``, its default and help taken from the dataclass."""
+    field = _field(cls, name)
+    default = _default(field)
+    if isinstance(default, bool):
+        kwargs.setdefault("action", "store_true")
+    elif isinstance(default, (int, float)):
+        kwargs.setdefault("type", type(default))
+    elif "Path" in str(field.type):
+        kwargs.setdefault("type", Path)
+        if isinstance(default, list) and "action" not in kwargs:
+            kwargs.setdefault("nargs", "+")
+            kwargs.setdefault("metavar", "PATH")
+    help_text = kwargs.pop("help", None) or _DOCS[cls][name]
+    group.add_argument(f"--{name.replace('_', '-')}", default=default, help=help_text.replace("%", "%%"), **kwargs)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     src = ap.add_argument_group("raw sources (at least one, unless --from-jsonl)")
-    src.add_argument("--korean", nargs="+", type=Path, default=[], metavar="PATH",
-                     help="Korean text: JSON array (Namu dump), JSONL, .txt, a directory of those, or a "
-                          "HuggingFace datasets directory saved with save_to_disk")
-    src.add_argument("--mcq", type=Path, help="KorMedMCQA JSONL (question, A..E, answer 1-based)")
-    src.add_argument("--medical-dict", type=Path, help="medical dictionary: JSON list or JSONL of {term, definition}")
-    src.add_argument("--char-dict", type=Path, help="medical symbol dictionary: JSON list of {term, definition}")
-    src.add_argument("--exclude-mcq", type=Path, action="append", default=[], metavar="PATH",
-                     help="KorMedMCQA file(s) held out for evaluation: their questions are removed from every source")
+    for name in ("korean", "mcq", "medical_dict", "char_dict"):
+        _add(src, CorpusOptions, name)
+    _add(src, CorpusOptions, "exclude_mcq", action="append", metavar="PATH")
     src.add_argument("--from-jsonl", type=Path, help="start from an existing mixed corpus ({\"text\"} JSONL)")
     mix = ap.add_argument_group("corpus")
-    mix.add_argument("--medical-multiplier", type=int, default=5, help="copies of each medical record (default 5)")
-    mix.add_argument("--seed", type=int, default=42, help="seed of the shuffle and the validation split")
-    mix.add_argument("--max-samples", type=int, default=0,
-                     help="cap on mixed documents (0: all): the first N of the seeded shuffle are kept")
-    mix.add_argument("--min-chars", type=int, default=100, help="drop Korean documents shorter than this after cleaning")
-    mix.add_argument("--min-hangul-ratio", type=float, default=0.10,
-                     help="drop Korean documents with a smaller share of Hangul among non-space characters")
-    mix.add_argument("--strict", action="store_true", help="stop at the first rejected record, naming file and line")
+    _add(mix, CorpusOptions, "medical_multiplier")
+    _add(mix, CorpusOptions, "seed", help="seed of the shuffle and the validation split")
+    for name in ("max_samples", "min_chars", "min_hangul_ratio", "strict"):
+        _add(mix, CorpusOptions, name)
     mix.add_argument("--corpus-only", action="store_true", help="write raw_text_mixed.jsonl and report.json only")
     sh = ap.add_argument_group("shards")
-    sh.add_argument("--tokenizer", help="tokenizer directory, hub id or preset (gemma3-270m, tiny-ko)")
-    sh.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (windows hold seq_len+1)")
-    sh.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation")
-    sh.add_argument("--val-korean", nargs="+", type=Path, default=[], metavar="PATH",
-                    help="explicit validation text (same formats as --korean) instead of --val-fraction")
-    sh.add_argument("--shard-tokens", type=int, default=100_000_000, help="target tokens per shard file")
-    sh.add_argument("--format", choices=["npy", "webdataset"], default="npy",
+    _add(sh, ShardOptions, "tokenizer", help="tokenizer directory, hub id or preset (gemma3-270m, tiny-ko)")
+    for name in ("seq_len", "val_fraction"):
+        _add(sh, ShardOptions, name)
+    _add(sh, CorpusOptions, "val_korean")
+    _add(sh, ShardOptions, "shard_tokens")
+    sh.add_argument("--format", choices=["npy", "webdataset"], default="webdataset" if _default(_field(ShardOptions, "webdataset")) else "npy",
                     help="also write webdataset tar shards of the packed sequences")
-    ap.add_argument("--workers", type=int, default=0, help="worker processes (0: all cores)")
+    _add(ap, CorpusOptions, "workers", help="worker processes (0: all cores)")
     ap.add_argument("--out", type=Path, required=True, help="output directory")
     return ap.parse_args(argv)
+
+
+def _options(cls: type, args: argparse.Namespace, **given):
+    """An instance of ``cls`` from the flags named like its fields, and ``given``."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,40 +116,41 @@ def main(argv: list[str] | None = None) -> int:
     from korcpt.log import get_logger
 
     log = get_logger("build_shards")
-    if args.from_jsonl:
+    if not args.from_jsonl and not (args.korean or args.mcq or args.medical_dict or args.char_dict):
+        raise DataError("no input: give at least one of --korean, --mcq, --medical-dict, --char-dict or --from-jsonl")
+    if not (args.corpus_only or args.tokenizer):
+        raise DataError("--tokenizer is required to build shards (or pass --corpus-only)")
+    if args.from_jsonl and not args.val_korean:  # nothing for the corpus stage to do
         corpus_path, corpus_report = args.from_jsonl, None
     else:
-        if not (args.korean or args.mcq or args.medical_dict or args.char_dict):
-            raise DataError("no input: give at least one of --korean, --mcq, --medical-dict, --char-dict or --from-jsonl")
-        from korcpt.corpus.build import CorpusOptions, build_corpus
-
-        opts = CorpusOptions(
-            korean=args.korean, mcq=args.mcq, medical_dict=args.medical_dict, char_dict=args.char_dict,
-            exclude_mcq=args.exclude_mcq, medical_multiplier=args.medical_multiplier, seed=args.seed,
-            max_samples=args.max_samples, min_chars=args.min_chars, min_hangul_ratio=args.min_hangul_ratio,
-            strict=args.strict, workers=args.workers,
-        )
-        # A manifest from an earlier build would declare its shards complete beside the corpus about to
-        # replace theirs: remove it first, as write_shards does before touching any shard.
-        (args.out / "manifest.json").unlink(missing_ok=True)
-        corpus_report = build_corpus(opts, args.out)
-        corpus_path = args.out / "raw_text_mixed.jsonl"
-        log.info("corpus: %s", corpus_path)
+        # A manifest from an earlier build would declare its shards complete beside the corpus (or the
+        # validation documents) about to replace theirs: remove it first, as write_shards does.
+        (args.out / MANIFEST).unlink(missing_ok=True)
+        corpus_path, corpus_report = _corpus_stage(args, log)
     if args.corpus_only:
         return 0
-    if not args.tokenizer:
-        raise DataError("--tokenizer is required to build shards (or pass --corpus-only)")
-    from korcpt.shards.writer import ShardOptions, write_shards
+    from korcpt.shards.writer import write_shards
 
-    manifest = write_shards(
-        corpus_path, args.out,
-        ShardOptions(tokenizer=args.tokenizer, seq_len=args.seq_len, val_fraction=args.val_fraction,
-                     val_korean=args.val_korean, shard_tokens=args.shard_tokens, seed=args.seed,
-                     workers=args.workers, webdataset=args.format == "webdataset"),
-        corpus_report=corpus_report,
-    )
+    options = _options(ShardOptions, args, val_documents=args.out / VAL_NAME if args.val_korean else None,
+                       webdataset=args.format == "webdataset")
+    manifest = write_shards(corpus_path, args.out, options, corpus_report=corpus_report)
     log.info("wrote %d shards to %s", len(manifest["shards"]), args.out)
     return 0
+
+
+def _corpus_stage(args: argparse.Namespace, log: Any) -> tuple[Path, dict | None]:
+    """Run the corpus stage into ``--out``: the mixed corpus (unless --from-jsonl) and the validation documents."""
+    if args.from_jsonl:
+        from korcpt.corpus.validation import write_val_documents
+
+        n = write_val_documents(args.val_korean, args.out / VAL_NAME)
+        log.info("validation: %d documents in %s", n, args.out / VAL_NAME)
+        return args.from_jsonl, None
+    from korcpt.corpus.build import build_corpus
+
+    corpus_report = build_corpus(_options(CorpusOptions, args), args.out)
+    log.info("corpus: %s", args.out / OUTPUT_NAME)
+    return args.out / OUTPUT_NAME, corpus_report
 
 
 if __name__ == "__main__":

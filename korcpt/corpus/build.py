@@ -1,4 +1,4 @@
-"""The corpus stage: raw sources -> ``raw_text_mixed.jsonl`` + ``report.json``.
+"""The corpus stage: raw sources -> ``raw_text_mixed.jsonl`` + ``report.json`` (+ ``val_documents.jsonl``).
 
 How it runs, and why memory stays flat in the size of the Korean input:
 
@@ -19,7 +19,9 @@ How it runs, and why memory stays flat in the size of the Korean input:
 
 Same inputs and seed give a byte-identical ``raw_text_mixed.jsonl``. Each line is
 ``{"text": ..., "source": "korean|mcq|medical_dict|char_dict"}``; the shard stage may split
-train/validation by a hash of ``text``, which puts identical medical copies on the same side.
+train/validation by a hash of ``text``, which puts identical medical copies on the same side. With
+``val_korean``, those files are cleaned first into ``val_documents.jsonl``
+(:mod:`~korcpt.corpus.validation`), the validation set the shard stage reads.
 
 Held-out questions (``exclude_mcq``) are matched after collapsing whitespace: an MCQ record is
 excluded when its question equals a held-out question; a document of any other source when it
@@ -45,6 +47,7 @@ import numpy as np
 from korcpt.corpus.medical import RecordError, char_dict_text, medical_dict_text, mcq_text, parse_mcq
 from korcpt.corpus.readers import NON_UTF8, REJECT_REASONS, Record, Rejected, expand_inputs, input_bytes, iter_records
 from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, collapse_spaces, drop_reason, normalize_text
+from korcpt.corpus.validation import VAL_NAME, write_val_documents
 from korcpt.corpus.wiki import clean_wiki, is_redirect
 from korcpt.errors import DataError
 from korcpt.log import get_logger, progress
@@ -65,34 +68,36 @@ log = get_logger(__name__)
 class CorpusOptions:
     """Inputs and settings of the corpus stage (the ``corpus`` flags of ``tools/build_shards.py``)."""
 
+    # Korean text: JSON array (Namu dump), JSONL, .txt, a directory of those, or a save_to_disk dataset.
     korean: list[Path] = field(default_factory=list)
-    """Korean text inputs: JSON array, JSONL, .txt, directories of those, save_to_disk datasets."""
+    # KorMedMCQA training JSONL (question, A..E, answer 1-based).
     mcq: Path | None = None
-    """KorMedMCQA training JSONL."""
+    # Medical dictionary: JSON list or JSONL of {term, definition}.
     medical_dict: Path | None = None
-    """Medical dictionary: JSON list or JSONL of {term, definition}."""
+    # Medical symbol dictionary: JSON list of {term, definition}.
     char_dict: Path | None = None
-    """Medical symbol dictionary: JSON list of {term, definition}."""
+    # KorMedMCQA files held out for evaluation: their questions are removed from every source.
     exclude_mcq: list[Path] = field(default_factory=list)
-    """KorMedMCQA files held out for evaluation; their questions are removed from every source."""
+    # Explicit validation text (the formats of korean), cleaned into val_documents.jsonl for the shard stage.
+    val_korean: list[Path] = field(default_factory=list)
+    # Copies of each kept medical document in the mix.
     medical_multiplier: int = 5
-    """Copies of each kept medical document in the mix."""
+    # Seed of the shuffle.
     seed: int = 42
-    """Seed of the shuffle."""
+    # Cap on mixed documents (0: all): the first N of the seeded shuffle are kept.
     max_samples: int = 0
-    """Cap on mixed documents (0: all); the first N of the seeded shuffle are kept."""
+    # Korean documents shorter than this after cleaning are dropped.
     min_chars: int = 100
-    """Korean documents shorter than this after cleaning are dropped."""
+    # Korean documents with a smaller share of Hangul among non-space characters are dropped.
     min_hangul_ratio: float = 0.10
-    """Korean documents with a smaller share of Hangul among non-space characters are dropped."""
+    # Stop at the first rejected record, naming file and line.
     strict: bool = False
-    """Stop at the first rejected record, naming file and line."""
+    # Processes that clean Korean text (0: all cores; 1: in this process).
     workers: int = 0
-    """Processes that clean Korean text (0: all cores; 1: in this process)."""
+    # Korean inputs smaller than this are cleaned in this process (a pool costs more than it saves).
     parallel_min_bytes: int = 8 << 20
-    """Korean inputs smaller than this are cleaned in this process (a pool costs more than it saves)."""
+    # Show a progress bar while cleaning Korean text.
     progress: bool = True
-    """Show a progress bar while cleaning Korean text."""
 
 
 def validate_options(opts: CorpusOptions) -> None:
@@ -411,9 +416,13 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
         "medical_dict": expand_inputs([opts.medical_dict]) if opts.medical_dict else [],
         "char_dict": expand_inputs([opts.char_dict]) if opts.char_dict else [],
     }
+    val_inputs = expand_inputs(list(opts.val_korean)) if opts.val_korean else []
     exclude = load_exclusions(list(opts.exclude_mcq)) if opts.exclude_mcq else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if val_inputs:
+        n = write_val_documents(val_inputs, out_dir / VAL_NAME)
+        log.info("validation: %d documents in %s", n, out_dir / VAL_NAME)
     counts = {s: SourceCounts(files=[str(p) for p in inputs[s]]) for s in SOURCES}
     spool = _Spool(out_dir / f".{OUTPUT_NAME}.spool")
     try:

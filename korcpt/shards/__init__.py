@@ -2,12 +2,17 @@
 
 Read in this order::
 
-    format.py   the directory layout, the manifest, tokenizer_fingerprint, path and checksum checks
-    writer.py   write_shards: tokenize in parallel, split by document hash, pack <bos> doc <eos> into
-                seq_len + 1 windows overlapping by one token (worked example there), write atomically
-    order.py    permute: an epoch's order as a pure function of (seed, epoch, n)
-    reader.py   open_shards -> ShardSet (memmap, checked) -> SequenceStream (ranks, workers, resume)
-    wds.py      the same windows as webdataset tars, and a stream over tar URLs
+    format.py     the directory layout, the manifest, tokenizer_fingerprint, path and checksum checks
+    documents.py  the input: documents JSONL (clean text, written by the corpus stage), read in chunks
+    encode.py     Encoder: worker processes parse, split by document hash, tokenize to <bos> doc <eos>
+    writer.py     ShardWriter (add / finish, manifest last; aborts on error) packs seq_len + 1 windows
+                  overlapping by one token (worked example there); write_shards = encode into a writer
+    order.py      permute: an epoch's order as a pure function of (seed, epoch, n)
+    reader.py     open_shards -> ShardSet (memmap, checked) -> SequenceStream (ranks, workers, resume)
+    wds.py        the same windows as webdataset tars, and a stream over tar URLs
+
+Nothing here imports korcpt.corpus or korcpt.model: documents arrive as files, tokenizers through
+korcpt.assets.
 
 Exports are loaded on first use, so that tokenizer worker processes never import torch.
 """
@@ -23,6 +28,7 @@ _EXPORTS = {
     "load_manifest": "format",
     "tokenizer_fingerprint": "format",
     "ShardOptions": "writer",
+    "ShardWriter": "writer",
     "write_shards": "writer",
     "permute": "order",
     "epoch_order": "order",

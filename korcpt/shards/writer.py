@@ -2,9 +2,13 @@
 
 Mental model::
 
-    corpus JSONL ──(1 MiB chunks of lines)──> worker processes: parse, hash-split, tokenize, add <bos>/<eos>
-                 ──(in corpus order)──> one packer per split ──> DIR/{train,val}/shard-NNNNN.bin + .idx.npy
-                 ──> [webdataset tars] ──> report.json ──> manifest.json (last)
+    documents JSONL ──(LineChunks)──> Encoder (encode.py): worker processes parse, hash-split, tokenize
+                    ──(in corpus order)──> ShardWriter.add: one packer per split
+                    ──> DIR/{train,val}/shard-NNNNN.bin + .idx.npy ──> ShardWriter.finish:
+                        [webdataset tars] ──> report.json ──> manifest.json (last)
+
+The shard stage reads documents only (:mod:`korcpt.shards.documents`): the corpus stage writes the
+mixed corpus and, with validation files, the validation documents, both already clean.
 
 Packing, with a worked example. Every document becomes ``<bos> t1 .. tk <eos>`` (the ids come from the
 tokenizer; text is encoded without the tokenizer's own special tokens, so ``<bos>`` is never doubled,
@@ -29,8 +33,8 @@ Each shard is written to a temporary name and renamed when complete; the manifes
 
 Validation split, at document level and before packing: a document goes to ``val`` when a keyed hash
 of its text falls under ``val_fraction`` (identical texts, such as the 5x medical copies, always land
-on the same side), or, with ``val_korean`` files, those files are the validation set and any corpus
-document with the same text as one of them is left out of ``train``.
+on the same side), or, with ``val_documents``, that file is the validation set and any corpus
+document with the same text as one of them (cleaned or as given) is left out of ``train``.
 """
 
 from __future__ import annotations
@@ -38,20 +42,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from korcpt.errors import ConfigError, DataError, ModelError
-from korcpt.log import get_logger, progress
+from korcpt.errors import ConfigError, DataError
+from korcpt.log import get_logger
+from korcpt.shards.documents import LineChunks, read_documents
+from korcpt.shards.encode import Encoder, PackTokenizer, TokenizedChunk, doc_hash, load_pack_tokenizer
 from korcpt.shards.format import (
     DTYPES,
     FORMAT_VERSION,
@@ -61,13 +65,12 @@ from korcpt.shards.format import (
     SPLITS,
     atomic_write_bytes,
     atomic_write_json,
-    choose_dtype,
-    tokenizer_fingerprint,
 )
 
 log = get_logger(__name__)
 
-CHUNK_BYTES = 1 << 20  # lines handed to a worker at a time
+PACKING = ("each document is <bos> tokens <eos>; windows of seq_len+1 tokens overlap by one token; "
+           "the tail that completes no window is dropped")
 
 
 @dataclass
@@ -76,12 +79,12 @@ class ShardOptions:
 
     # Tokenizer: a preset (gemma3-270m, tiny-ko), a local directory, a hub id, or a loaded fast tokenizer.
     tokenizer: Any
-    # Tokens per training sequence; windows hold seq_len + 1 tokens.
+    # Tokens per training sequence (windows hold seq_len + 1).
     seq_len: int = 2048
-    # Share of documents held out for validation (by a hash of their text); ignored with val_korean.
+    # Share of documents held out for validation, by a hash of their text (unless a validation set is given).
     val_fraction: float = 0.01
-    # Explicit validation files, in the formats of --korean (read and cleaned by korcpt.corpus.readers).
-    val_korean: list[Path] = field(default_factory=list)
+    # The validation set: a documents JSONL written by the corpus stage (korcpt.corpus.validation).
+    val_documents: Path | None = None
     # Target tokens per shard file (rounded down to whole windows, at least one window).
     shard_tokens: int = 100_000_000
     # Seed of the validation hash.
@@ -103,99 +106,6 @@ class ShardOptions:
             problems.append(f"workers must be >= 0 (0: all cores), found {self.workers!r}")
         if problems:
             raise ConfigError("; ".join(problems))
-
-
-# ---------------------------------------------------------------- worker side (runs in each process)
-
-_W: dict[str, Any] = {}  # this process's tokenizer and settings (set by _init_* before any chunk)
-
-
-def _init_forked() -> None:
-    """In a forked worker: the parent's tokenizer and settings are already in ``_W`` (copied by fork)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _W["tok"].encode_special_tokens = True  # this process's copy: "<eos>" written in a document is text
-
-
-def _init_spawned(state: dict) -> None:
-    """In a spawned worker (no fork on this platform): rebuild the tokenizer from its JSON."""
-    from tokenizers import Tokenizer
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = Tokenizer.from_str(state.pop("tokenizer_json"))
-    tok.encode_special_tokens = True
-    _W.clear()
-    _W.update(state, tok=tok)
-
-
-def _fingerprint_task() -> str:
-    return tokenizer_fingerprint(_W["hf"])
-
-
-def doc_hash(text: bytes, seed: int) -> bytes:
-    """16-byte keyed BLAKE2b of a document's UTF-8 text: equal texts hash equal, whatever their position."""
-    return hashlib.blake2b(text, digest_size=16, key=str(seed).encode()).digest()
-
-
-def _encode_chunk(first_line: int, lines: list[bytes]) -> dict:
-    """Parse, split and tokenize one chunk of JSONL lines; returns packed arrays per split."""
-    w = _W
-    texts: list[str] = []
-    where: list[int] = []  # 0 train, 1 val
-    line_no: list[int] = []
-    sources: list[str] = []
-    skipped = 0
-    threshold = w["val_threshold"]
-    exclude = w["exclude"]
-    for k, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        lineno = first_line + k
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply for the decoder
-            raise DataError(f"{w['path']}:{lineno}: not valid JSON ({exc})") from None
-        text = obj.get("text") if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            raise DataError(f"{w['path']}:{lineno}: expected an object with a string \"text\", found {raw[:80]!r}")
-        if not text.strip():
-            skipped += 1
-            continue
-        digest = doc_hash(text.encode("utf-8", "surrogatepass"), w["seed"])
-        if w["forced_split"] is not None:
-            if digest in exclude:
-                skipped += 1
-                continue
-            split = w["forced_split"]
-        else:
-            split = 1 if int.from_bytes(digest[:8], "little") < threshold else 0
-        source = obj.get("source") or w["default_source"]
-        texts.append(text)
-        where.append(split)
-        line_no.append(lineno)
-        sources.append(str(source))
-    encodings = w["tok"].encode_batch_fast(texts, add_special_tokens=False) if texts else []
-    bos, eos = w["bos"], w["eos"]
-    extra = (bos is not None) + 1
-    out = {"skipped": skipped, "lines": len(lines)}
-    for split_id, split in enumerate(SPLITS):
-        picks = [i for i, s in enumerate(where) if s == split_id]
-        lens = np.fromiter((len(encodings[i].ids) + extra for i in picks), dtype=np.int64, count=len(picks))
-        tokens = np.empty(int(lens.sum()), dtype=w["dtype"])
-        pos = 0
-        for i, n in zip(picks, lens.tolist()):
-            if bos is not None:
-                tokens[pos] = bos
-            tokens[pos + extra - 1: pos + n - 1] = encodings[i].ids
-            tokens[pos + n - 1] = eos
-            pos += n
-        if tokens.size and int(tokens.max()) > w["max_id"]:
-            raise ModelError(f"tokenizer produced id {int(tokens.max())}, above its vocabulary ({w['max_id']})")
-        out[split] = (tokens, lens, np.asarray([line_no[i] for i in picks], dtype=np.int64),
-                      [sources[i] for i in picks])
-    return out
-
-
-# ---------------------------------------------------------------- main side
 
 
 class _SplitWriter:
@@ -311,66 +221,6 @@ class _SplitWriter:
             self.fh = self.tmp = None
 
 
-def _read_val_documents(paths: list[Path]) -> Iterator[tuple[str, str, str]]:
-    """(text, source, raw text) of explicit validation files, read and cleaned as ``--korean`` input is.
-
-    The corpus stage's readers decide the format (JSON array, JSONL, ``.txt`` = one document, a
-    ``save_to_disk`` directory); a ``{"text"}`` record is cleaned of wiki markup, a ``.txt`` document
-    normalised. No length or Hangul filter applies: the user chose these documents.
-    """
-    from korcpt.corpus.readers import Rejected, expand_inputs, iter_records
-    from korcpt.corpus.text import normalize_text
-    from korcpt.corpus.wiki import clean_wiki, is_redirect
-
-    for path in expand_inputs([Path(p) for p in paths]):
-        for rec in iter_records(path):
-            if isinstance(rec, Rejected):
-                raise DataError(f"{rec.where}: validation record rejected ({rec.reason}: {rec.detail})")
-            if rec.is_text:
-                yield normalize_text(rec.value), "val_korean", rec.value
-                continue
-            raw = rec.value.get("text") if isinstance(rec.value, dict) else rec.value
-            if not isinstance(raw, str):
-                raise DataError(f"{rec.where}: expected a string or an object with a string \"text\"")
-            if is_redirect(raw):
-                continue
-            source = rec.value.get("source") if isinstance(rec.value, dict) else None
-            yield clean_wiki(raw), str(source or "val_korean"), raw
-
-
-def _line_chunks(path: Path, chunk_bytes: int) -> Iterator[tuple[int, list[bytes], int]]:
-    """(first line number, lines, bytes) of consecutive chunks of a file, line numbers 1-based."""
-    lines: list[bytes] = []
-    size, first, lineno = 0, 1, 0
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            lines.append(line)
-            size += len(line)
-            if size >= chunk_bytes:
-                yield first, lines, size
-                lines, size, first = [], 0, lineno + 1
-    if lines:
-        yield first, lines, size
-
-
-def _list_chunks(lines: list[bytes], chunk_bytes: int) -> Iterator[tuple[int, list[bytes], int]]:
-    """The same chunks as :func:`_line_chunks`, from lines in memory (numbered from 1)."""
-    start, size = 0, 0
-    for i, line in enumerate(lines):
-        size += len(line)
-        if size >= chunk_bytes or i == len(lines) - 1:
-            yield start + 1, lines[start: i + 1], size
-            start, size = i + 1, 0
-
-
-def _load(tokenizer: Any):
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from korcpt.assets import load_tokenizer
-
-        return str(tokenizer), load_tokenizer(str(tokenizer))
-    return getattr(tokenizer, "name_or_path", type(tokenizer).__name__), tokenizer
-
-
 def _clear_outputs(out_dir: Path) -> None:
     """Remove what a previous build left (manifest first, so a half-rebuilt set never looks complete)."""
     (out_dir / MANIFEST).unlink(missing_ok=True)
@@ -382,200 +232,180 @@ def _clear_outputs(out_dir: Path) -> None:
     shutil.rmtree(out_dir / "wds", ignore_errors=True)
 
 
+class ShardWriter:
+    """Packs tokenized documents into a shard directory; the manifest, written last, completes it.
+
+    Usage::
+
+        with ShardWriter(out_dir, "uint16", seq_len=2048, shard_tokens=10**8) as writer:
+            for chunk in chunks:                   # TokenizedChunk, in corpus order
+                writer.add(chunk)
+            manifest = writer.finish(header)       # last shards, report.json, then manifest.json
+
+    Opening removes what an earlier build left in ``out_dir`` (its manifest first). An exception inside
+    the ``with`` block removes everything this writer wrote, so no manifest and no shard remain.
+
+    Args:
+        out_dir: the shard directory (created).
+        dtype: ``"uint16"`` or ``"uint32"`` (:func:`~korcpt.shards.format.choose_dtype`).
+        seq_len: tokens per training sequence.
+        shard_tokens: target tokens per shard file (whole windows, at least one).
+    """
+
+    def __init__(self, out_dir: Path, dtype: str, seq_len: int, shard_tokens: int):
+        self.out_dir, self.dtype, self.seq_len = Path(out_dir), dtype, seq_len
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        _clear_outputs(self.out_dir)
+        per_shard = max(1, shard_tokens // seq_len)
+        self._splits = {s: _SplitWriter(self.out_dir, s, DTYPES[dtype], seq_len, per_shard) for s in SPLITS}
+        self._source_ids: dict[str, int] = {}
+        self._per_source: dict[str, dict[str, dict[str, int]]] = {s: {} for s in SPLITS}
+        self._skipped = 0
+        self._finished = False
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, chunk: TokenizedChunk) -> None:
+        """Append a chunk's documents to their splits' streams, writing every shard that fills."""
+        self._skipped += chunk.skipped
+        for split, docs in chunk.splits.items():
+            ids = np.fromiter((self._source_ids.setdefault(s, len(self._source_ids)) for s in docs.sources),
+                              np.int64, len(docs.sources))
+            self._splits[split].add(docs.tokens, docs.lengths, docs.lines, ids)
+            stats = self._per_source[split]
+            for s, n in zip(docs.sources, docs.lengths.tolist()):
+                entry = stats.setdefault(s, {"documents": 0, "tokens": 0})
+                entry["documents"] += 1
+                entry["tokens"] += n
+
+    def finish(self, header: dict, webdataset: bool = False, corpus_report: dict | None = None) -> dict:
+        """Close the last shards; write the webdataset tars (if asked), ``report.json``, then ``manifest.json``.
+
+        Args:
+            header: the manifest's ``tokenizer``, ``bos_id``, ``eos_id``, ``split`` and ``corpus`` entries.
+            webdataset: also write the windows as tar shards under ``DIR/wds/``.
+            corpus_report: the corpus stage's report, merged into ``report.json``.
+
+        Returns:
+            The manifest, as written.
+
+        Raises:
+            DataError: the train split holds fewer tokens than one window.
+        """
+        counts = {s: w.finish() for s, w in self._splits.items()}
+        if counts["train"]["sequences"] == 0:
+            raise DataError(
+                f"{header['corpus']['path']}: the train split has {counts['train']['tokens']} tokens, fewer than one "
+                f"window of seq_len + 1 = {self.seq_len + 1}; add text or lower --seq-len"
+            )
+        if counts["val"]["documents"] and not counts["val"]["sequences"]:
+            log.warning("validation split: %d tokens make no window of %d; it is empty",
+                        counts["val"]["tokens"], self.seq_len + 1)
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION, "tokenizer": header["tokenizer"], "dtype": self.dtype,
+            "seq_len": self.seq_len, "bos_id": header["bos_id"], "eos_id": header["eos_id"], "packing": PACKING,
+            "sources": sorted(self._source_ids, key=self._source_ids.get),
+            "split": header["split"], "corpus": header["corpus"],
+            "counts": {**counts, "skipped_documents": self._skipped},
+            "shards": self._splits["train"].entries + self._splits["val"].entries,
+        }
+        if webdataset:
+            from korcpt.shards.wds import export_webdataset
+
+            manifest["webdataset"] = export_webdataset(self.out_dir, manifest)
+        atomic_write_json(self.out_dir / REPORT, _report(manifest, self._per_source, corpus_report))
+        atomic_write_json(self.out_dir / MANIFEST, manifest)
+        self._finished = True
+        return manifest
+
+    def abort(self) -> None:
+        """Remove the partial shard being written and every shard of this build (a no-op once finished)."""
+        if self._finished:
+            return
+        for split in self._splits.values():
+            split.abort()
+        _clear_outputs(self.out_dir)
+
+
 def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus_report: dict | None = None) -> dict:
-    """Tokenize a ``{"text", "source"?}`` JSONL corpus and write packed shards, report and manifest.
+    """Tokenize a documents JSONL corpus and write packed shards, report and manifest.
 
     Args:
         corpus_path: the mixed corpus, one JSON object per line with a string ``text`` (and optionally
             ``source``, used for per-source statistics and per-token source ids).
         out_dir: the shard directory (created); previous shards and manifest in it are replaced.
         options: see :class:`ShardOptions`.
-        corpus_report: the corpus stage's report, merged into ``report.json``.
+        corpus_report: the corpus stage's report, merged into ``report.json`` (default: the one the corpus
+            stage left in ``out_dir``, when the corpus lies there).
 
     Returns:
         The manifest, as written to ``out_dir/manifest.json``.
 
     Raises:
-        DataError: unreadable corpus or validation files, a line that is not a ``{"text"}`` object, or a
-            split left without a single window.
+        DataError: a missing corpus or validation file, a line that is not a ``{"text"}`` object, or a
+            train split without a single window.
         ConfigError: impossible options. ModelError: the tokenizer cannot be loaded or lacks ``<eos>``.
     """
     options.validate()
-    corpus_path, out_dir = Path(corpus_path), Path(out_dir)
-    if not corpus_path.is_file():
-        raise DataError(f"corpus {corpus_path} not found")
-    name, tokenizer = _load(options.tokenizer)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ModelError(f"tokenizer {name!r} has no fast (Rust) backend; korcpt packs with fast tokenizers only")
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    if eos is None:
-        raise ModelError(f"tokenizer {name!r} has no eos token; documents need one as their separator")
-    vocab_size = max(len(tokenizer), backend.get_vocab_size(with_added_tokens=True))
-    dtype = choose_dtype(vocab_size)
-    seq_len = options.seq_len
-    per_shard = max(1, options.shard_tokens // seq_len)
-    workers = options.workers or os.cpu_count() or 1
-    t0 = time.perf_counter()
-
-    # The fingerprint reads the whole vocabulary (a second or two for Gemma's): a forked worker computes
-    # it alongside the tokenization; otherwise this process does at the end.
-    fingerprint: list[str] = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out_dir)
-    writers = {s: _SplitWriter(out_dir, s, DTYPES[dtype], seq_len, per_shard) for s in SPLITS}
-    source_ids: dict[str, int] = {}
-    per_source: dict[str, dict[str, dict[str, int]]] = {s: {} for s in SPLITS}
-    skipped = 0
-    state = {
-        "bos": bos, "eos": eos, "dtype": DTYPES[dtype], "max_id": vocab_size - 1,
-        "seed": options.seed, "val_threshold": int(float(options.val_fraction) * 2**64),
-        "exclude": frozenset(), "forced_split": None, "path": str(corpus_path), "default_source": "unknown",
-    }
-
-    def consume(result: dict) -> None:
-        nonlocal skipped
-        skipped += result["skipped"]
-        for split in SPLITS:
-            tokens, lens, lines, sources = result[split]
-            ids = np.fromiter((source_ids.setdefault(s, len(source_ids)) for s in sources), np.int64, len(sources))
-            writers[split].add(tokens, lens, lines, ids)
-            stats = per_source[split]
-            for s, n in zip(sources, lens.tolist()):
-                entry = stats.setdefault(s, {"documents": 0, "tokens": 0})
-                entry["documents"] += 1
-                entry["tokens"] += n
-
-    def run(path: Path, chunks: Iterator[tuple[int, list[bytes], int]], total: int, **overrides) -> str:
-        """Tokenize all chunks in order through ``workers`` processes; returns the SHA-256 of the input."""
-        run_state = {**state, **overrides, "path": str(path)}
-        digest = hashlib.sha256()
-        bar = progress(total=total, unit="B", unit_scale=True, desc=f"tokenize {path.name}")
-        tokens_done = 0
-        started = time.perf_counter()
-
-        def done(result: dict, nbytes: int) -> None:
-            nonlocal tokens_done
-            consume(result)
-            tokens_done += sum(int(result[s][0].size) for s in SPLITS)
-            bar.update(nbytes)
-            bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - started, 1e-9):,.0f} tok/s", refresh=False)
-
-        try:
-            if workers == 1:
-                # In this process: the tokenizer's own threads parallelise encode_batch.
-                saved = backend.encode_special_tokens
-                backend.encode_special_tokens = True
-                _W.clear()
-                _W.update(run_state, tok=backend)
-                try:
-                    for first, lines, nbytes in chunks:
-                        for line in lines:
-                            digest.update(line)
-                        done(_encode_chunk(first, lines), nbytes)
-                finally:
-                    backend.encode_special_tokens = saved
-                    _W.clear()
-            else:
-                if "fork" in mp.get_all_start_methods():
-                    _W.clear()
-                    _W.update(run_state, tok=backend, hf=tokenizer)  # inherited by the forked workers, never pickled
-                    pool = mp.get_context("fork").Pool(workers, _init_forked)
-                    job = None if fingerprint else pool.apply_async(_fingerprint_task)
-                else:
-                    pool = mp.get_context("spawn").Pool(
-                        workers, _init_spawned, ({**run_state, "tokenizer_json": backend.to_str()},))
-                    job = None
-                inflight: deque = deque()
-                try:
-                    for first, lines, nbytes in chunks:
-                        for line in lines:
-                            digest.update(line)
-                        inflight.append((pool.apply_async(_encode_chunk, (first, lines)), nbytes))
-                        if len(inflight) > 2 * workers:  # bounded: memory stays constant in the corpus size
-                            res, n = inflight.popleft()
-                            done(res.get(), n)
-                    while inflight:
-                        res, n = inflight.popleft()
-                        done(res.get(), n)
-                    if job is not None:
-                        fingerprint.append(job.get())
-                except Exception:
-                    # A bad line (DataError from a worker): let the few tasks in flight finish, then shut
-                    # down the ordinary way; Pool.terminate() can hang while workers sit on its queue.
-                    for res in [r for r, _ in inflight] + ([job] if job is not None else []):
-                        res.wait()
-                    raise
-                except BaseException:
-                    pool.terminate()  # interrupted: the workers may be gone, do not wait for them
-                    raise
-                finally:
-                    pool.close()
-                    pool.join()
-        finally:
-            bar.close()
-            _W.clear()
-        return digest.hexdigest()
-
-    try:
-        val_files: list[str] = []
-        if options.val_korean:
-            # The explicit validation set goes first: its hashes are then kept out of train.
-            records = list(_read_val_documents(options.val_korean))
-            val_files = sorted({str(Path(p)) for p in options.val_korean})
-            # A corpus document equal to a validation document, cleaned or as given, stays out of train.
-            exclude = frozenset(doc_hash(t.encode("utf-8", "surrogatepass"), options.seed)
-                                for rec in records for t in (rec[0], rec[2]))
-            lines = [json.dumps({"text": t, "source": s}, ensure_ascii=False).encode() + b"\n" for t, s, _ in records]
-            run(Path(options.val_korean[0]), _list_chunks(lines, CHUNK_BYTES), sum(map(len, lines)), forced_split=1)
-            corpus_sha = run(corpus_path, _line_chunks(corpus_path, CHUNK_BYTES), corpus_path.stat().st_size,
-                             forced_split=0, exclude=exclude)
-        else:
-            corpus_sha = run(corpus_path, _line_chunks(corpus_path, CHUNK_BYTES), corpus_path.stat().st_size)
-        counts = {s: writers[s].finish() for s in SPLITS}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    if counts["train"]["sequences"] == 0:
-        raise DataError(
-            f"{corpus_path}: the train split has {counts['train']['tokens']} tokens, fewer than one window of "
-            f"seq_len + 1 = {seq_len + 1}; add text or lower --seq-len"
-        )
-    if counts["val"]["documents"] and not counts["val"]["sequences"]:
-        log.warning("validation split: %d tokens make no window of %d; it is empty", counts["val"]["tokens"], seq_len + 1)
-
-    manifest: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": {"name": name, "vocab_size": vocab_size, "fingerprint": fingerprint[0] if fingerprint else tokenizer_fingerprint(tokenizer)},
-        "dtype": dtype,
-        "seq_len": seq_len,
-        "bos_id": bos,
-        "eos_id": eos,
-        "packing": "each document is <bos> tokens <eos>; windows of seq_len+1 tokens overlap by one token; "
-                   "the tail that completes no window is dropped",
-        "sources": sorted(source_ids, key=source_ids.get),
-        "split": {"method": "files", "files": val_files} if options.val_korean else
-                 {"method": "hash", "val_fraction": float(options.val_fraction), "seed": options.seed},
-        "corpus": {"path": str(corpus_path), "sha256": corpus_sha},
-        "counts": {**counts, "skipped_documents": skipped},
-        "shards": writers["train"].entries + writers["val"].entries,
-    }
-    if options.webdataset:
-        from korcpt.shards.wds import export_webdataset
-
-        manifest["webdataset"] = export_webdataset(out_dir, manifest)
-    if corpus_report is None and corpus_path.parent.resolve() == out_dir.resolve():
+    corpus = LineChunks(_existing(corpus_path, "corpus"))
+    val = LineChunks(_existing(options.val_documents, "validation documents")) if options.val_documents else None
+    tokenizer = load_pack_tokenizer(options.tokenizer)
+    encoder = Encoder(tokenizer, options.seed, options.val_fraction, options.workers)
+    out_dir = Path(out_dir)
+    if corpus_report is None and corpus.path.parent.resolve() == out_dir.resolve():
         corpus_report = _previous_corpus_report(out_dir / REPORT)  # the corpus stage ran into this directory
-    atomic_write_json(out_dir / REPORT, _report(manifest, per_source, corpus_report))
-    atomic_write_json(out_dir / MANIFEST, manifest)
-    elapsed = time.perf_counter() - t0
+    started = time.perf_counter()
+    with ShardWriter(out_dir, tokenizer.dtype, options.seq_len, options.shard_tokens) as writer:
+        if val is None:
+            encoder.encode(corpus, writer.add)
+        else:
+            # The validation set goes first; a corpus document equal to one of its documents stays out of train.
+            encoder.encode(val, writer.add, split="val")
+            encoder.encode(corpus, writer.add, split="train", exclude=_val_hashes(val.path, options.seed))
+        manifest = writer.finish(_header(tokenizer, encoder.fingerprint(), options, corpus),
+                                 options.webdataset, corpus_report)
+    _log_summary(manifest, time.perf_counter() - started)
+    return manifest
+
+
+def _existing(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} not found")
+    return path
+
+
+def _val_hashes(path: Path, seed: int) -> frozenset[bytes]:
+    """Hashes of the validation documents, as cleaned and as given (``raw``)."""
+    return frozenset(doc_hash(t.encode("utf-8", "surrogatepass"), seed)
+                     for doc in read_documents(path) for t in (doc.text, doc.raw) if t is not None)
+
+
+def _header(tokenizer: PackTokenizer, fingerprint: str, options: ShardOptions, corpus: LineChunks) -> dict:
+    """The manifest entries that describe what was packed (read once the corpus has been hashed)."""
+    split = ({"method": "files", "files": [str(Path(options.val_documents))]} if options.val_documents else
+             {"method": "hash", "val_fraction": float(options.val_fraction), "seed": options.seed})
+    return {
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "fingerprint": fingerprint},
+        "bos_id": tokenizer.bos,
+        "eos_id": tokenizer.eos,
+        "split": split,
+        "corpus": {"path": str(corpus.path), "sha256": corpus.sha256()},
+    }
+
+
+def _log_summary(manifest: dict, elapsed: float) -> None:
+    counts = manifest["counts"]
     total = counts["train"]["tokens"] + counts["val"]["tokens"]
     log.info("shards: %d documents, %s tokens (%s train sequences, %s val) in %.1f s (%s tok/s), dtype %s",
              counts["train"]["documents"] + counts["val"]["documents"], f"{total:,}",
              f"{counts['train']['sequences']:,}", f"{counts['val']['sequences']:,}", elapsed,
-             f"{total / max(elapsed, 1e-9):,.0f}", dtype)
-    return manifest
+             f"{total / max(elapsed, 1e-9):,.0f}", manifest["dtype"])
 
 
 def _previous_corpus_report(path: Path) -> dict | None:
@@ -616,4 +446,5 @@ def _report(manifest: dict, per_source: dict, corpus_report: dict | None) -> dic
     return {**(corpus_report or {}), "tokens": token_stats}
 
 
-__all__ = ["ShardOptions", "write_shards", "doc_hash"]
+
+__all__ = ["ShardOptions", "ShardWriter", "write_shards", "doc_hash"]

@@ -1,0 +1,86 @@
+"""Explicit validation files -> ``val_documents.jsonl``, the validation set the shard stage reads.
+
+The files come in the formats of the Korean input (JSON array, JSONL, ``.txt`` = one document, a
+``save_to_disk`` directory) and are cleaned as Korean records are: a ``{"text"}`` record (or a bare
+JSON string) of wiki markup, a ``.txt`` document normalised; redirects are left out. No length or
+Hangul filter applies: the user chose these documents.
+
+Each line written is ``{"text": cleaned, "source": ..., "raw": as given}`` (``raw`` only where cleaning
+changed the text), in input order. The shard stage packs ``text`` as the validation split and keeps
+every corpus document equal to ``text`` or ``raw`` out of training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from korcpt.corpus.readers import Record, Rejected, expand_inputs, iter_records
+from korcpt.corpus.text import normalize_text
+from korcpt.corpus.wiki import clean_wiki, is_redirect
+from korcpt.errors import DataError
+
+VAL_NAME = "val_documents.jsonl"
+VAL_SOURCE = "val_korean"  # the source of a validation document whose record names none
+
+
+def val_document(rec: Record | Rejected) -> dict[str, str] | None:
+    """One validation record as a document line's object; ``None`` for a redirect.
+
+    Raises:
+        DataError: a record that cannot be decoded, or that is neither a string nor a ``{"text"}`` object.
+    """
+    if isinstance(rec, Rejected):
+        raise DataError(f"{rec.where}: validation record rejected ({rec.reason}: {rec.detail})")
+    if rec.is_text:
+        return _document(normalize_text(rec.value), VAL_SOURCE, rec.value)
+    raw = rec.value.get("text") if isinstance(rec.value, dict) else rec.value
+    if not isinstance(raw, str):
+        raise DataError(f"{rec.where}: expected a string or an object with a string \"text\"")
+    if is_redirect(raw):
+        return None
+    source = rec.value.get("source") if isinstance(rec.value, dict) else None
+    return _document(clean_wiki(raw), str(source or VAL_SOURCE), raw)
+
+
+def _document(text: str, source: str, raw: str) -> dict[str, str]:
+    return {"text": text, "source": source} if raw == text else {"text": text, "source": source, "raw": raw}
+
+
+def val_documents(paths: list[Path]) -> Iterator[dict[str, str]]:
+    """The validation documents of ``paths``, in input order (see :func:`val_document`).
+
+    Raises:
+        DataError: a missing or empty input, or a record :func:`val_document` refuses.
+    """
+    for path in expand_inputs([Path(p) for p in paths]):
+        for rec in iter_records(path):
+            doc = val_document(rec)
+            if doc is not None:
+                yield doc
+
+
+def write_val_documents(paths: list[Path], out_path: Path) -> int:
+    """Clean the validation files ``paths`` into ``out_path`` (JSONL), which appears only when complete.
+
+    Returns:
+        The number of documents written.
+
+    Raises:
+        DataError: see :func:`val_documents`; nothing is written then.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as out:
+            for doc in val_documents(paths):
+                out.write(json.dumps(doc, ensure_ascii=False).encode() + b"\n")
+                n += 1
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
