@@ -95,7 +95,7 @@ def test_deepspeed_config_is_accepted_by_deepspeed():
 
 @pytest.mark.parametrize("path", MODELS, ids=lambda p: p.name)
 def test_model_architecture_builds_on_meta(path):
-    from korcpt.model.memory import build_meta_model
+    from korcpt.model.load import build_meta_model
 
     data = json.loads(path.read_text(encoding="utf-8"))
     model = build_meta_model(data)

@@ -8,11 +8,9 @@ from dataclasses import replace
 import pytest
 
 from korcpt.config import RunConfig
-from korcpt.model.load import is_multimodal
+from korcpt.model.load import build_meta_model, is_multimodal, padded_vocab, read_arch_config
 from korcpt.model.lora import apply_lora, count_parameters
-from korcpt.model.memory import (
-    GIB, build_meta_model, count_params, padded_vocab, plan, read_arch_config, zero_stage_of_accelerate_config,
-)
+from korcpt.model.memory import GIB, count_params, plan, zero_stage_of_accelerate_config
 from korcpt.assets import ROOT
 
 VOCAB = 282_738  # the spec's extended vocabulary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -43,36 +44,63 @@ def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
 
 
-def _read_arch_config(name: str) -> dict:
-    path = Path(name)
+def read_arch_config(name: str) -> dict[str, Any]:
+    """The architecture config of ``model.name``: a .json/.yaml file, a directory holding config.json,
+    or a preset in configs/models (for random init and the memory planner; nothing is downloaded).
+
+    Raises:
+        ModelError: no such file or preset, or the file has no ``model_type``.
+    """
+    path = Path(name).expanduser()
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        preset = assets.ARCH_DIR / f"{name}.json"
-        if not preset.is_file():
-            raise ModelError(f"model.random_init: no model config at {name!r} (a .json/.yaml file, a directory "
-                             f"with config.json, or a name in {assets.ARCH_DIR})")
-        path = preset
+        path = assets.ARCH_DIR / f"{name}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in assets.ARCH_DIR.glob("*.json")))
+        raise ModelError(f"no architecture config for model.name {name!r}: expected a file, a directory with "
+                         f"config.json, or one of {known}")
     text = path.read_text(encoding="utf-8")
     data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     if not isinstance(data, dict) or "model_type" not in data:
-        raise ModelError(f"{path}: a model config needs a 'model_type' key")
+        raise ModelError(f"{path}: an architecture config needs a 'model_type' key")
     return data
+
+
+def arch_config(arch: dict[str, Any], vocab_rows: int | None = None):
+    """The transformers config of ``arch``, its text model's vocabulary set to ``vocab_rows`` when given."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**arch)
+    if vocab_rows is not None:
+        config.get_text_config().vocab_size = vocab_rows
+    return config
+
+
+def model_from_arch(arch: dict[str, Any], vocab_rows: int | None, dtype: torch.dtype,
+                    attn_implementation: str | None = None):
+    """A freshly initialised model of ``arch`` on the current default device (see :func:`arch_config`)."""
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    config = arch_config(arch, vocab_rows)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    if config.model_type == "gemma3":  # multimodal: no Auto*ForCausalLM builds it
+        return Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def build_meta_model(arch: dict[str, Any], vocab_rows: int | None = None, dtype: torch.dtype = torch.bfloat16):
+    """The architecture on the meta device (no memory), its embedding sized to ``vocab_rows``."""
+    with torch.device("meta"):
+        return model_from_arch(arch, vocab_rows, dtype)
 
 
 def build_random_model(mcfg: ModelConfig, vocab_size: int, dtype: torch.dtype, seed: int):
     """A randomly initialised model from an architecture config, its vocabulary sized for the tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3ForConditionalGeneration
-
-    data = _read_arch_config(mcfg.name)
-    config = AutoConfig.for_model(**data)
-    text_config = config.get_text_config()
-    text_config.vocab_size = padded_vocab(vocab_size)
-    config._attn_implementation = mcfg.attn_implementation
+    arch = read_arch_config(mcfg.name)
     torch.manual_seed(seed)
-    if config.model_type == "gemma3":  # multimodal: no Auto*ForCausalLM builds it
-        return Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model_from_arch(arch, padded_vocab(vocab_size), dtype, mcfg.attn_implementation)
 
 
 def load_pretrained(mcfg: ModelConfig, dtype: torch.dtype):

@@ -56,6 +56,16 @@ def target_modules(model: nn.Module, lcfg: LoraConfig) -> list[str] | str:
     return rf".*\.({leaves})"
 
 
+def lora_targets(model: nn.Module, lcfg: LoraConfig) -> list[nn.Linear]:
+    """The linears :func:`apply_lora` wraps: PEFT's own matching of :func:`target_modules` (the planner counts these)."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = peft.LoraConfig(target_modules=target_modules(model, lcfg))
+    return [module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and check_target_module_exists(config, name)]
+
+
 class NewTokenRows(nn.Module):
     """Input embedding whose rows ``first .. first+n-1`` come from a separate trainable parameter.
 

@@ -1,8 +1,9 @@
 """Parameter counts and a per-GPU memory estimate for a run, from the architecture alone (meta device).
 
 Nothing is downloaded and no weight is allocated: the architecture config (``configs/models/<preset>.json``,
-a ``.json`` file or a directory holding ``config.json``) is built on the ``meta`` device with the run's
-vocabulary size, and the LoRA and embedding parameters are counted from its linear layers.
+a ``.json`` file or a directory holding ``config.json``) is read and built on the ``meta`` device with
+the run's vocabulary size by the loader's own functions (:mod:`korcpt.model.load`), and LoRA is counted
+on exactly the linears :func:`korcpt.model.lora.lora_targets` says it wraps.
 
 Byte accounting per GPU (N = GPUs, ZeRO stage z; bf16 training as DeepSpeed and the loop do it):
 
@@ -37,7 +38,9 @@ import torch
 import yaml
 
 from korcpt.config import RunConfig
-from korcpt.errors import ConfigError, ModelError
+from korcpt.errors import ConfigError
+from korcpt.model.load import arch_config, build_meta_model, padded_vocab, read_arch_config
+from korcpt.model.lora import lora_targets
 
 GIB = 2**30
 BYTES_FROZEN = 2
@@ -47,7 +50,6 @@ BYTES_OPTIM = 12
 BYTES_MASTER = 4  # stage 0: the float32 master is the weight, its gradient float32, Adam 8 B
 BYTES_ADAM = 8
 RESERVE_BYTES = 1 * GIB
-VOCAB_MULTIPLE = 64  # korcpt.model.load pads resized vocabularies to this multiple
 
 
 @dataclass
@@ -112,47 +114,8 @@ class MemoryPlan:
         return out
 
 
-def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    return -(-n // multiple) * multiple
-
-
-def read_arch_config(name: str) -> dict[str, Any]:
-    """The architecture config of ``model.name``: a preset in configs/models, a .json/.yaml file or a directory."""
-    from korcpt.assets import ARCH_DIR
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        path = ARCH_DIR / f"{name}.json"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in ARCH_DIR.glob("*.json")))
-        raise ModelError(f"no architecture config for model.name {name!r}: expected a file, a directory with "
-                         f"config.json, or one of {known}")
-    text = path.read_text(encoding="utf-8")
-    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise ModelError(f"{path}: an architecture config needs a 'model_type' key")
-    return data
-
-
-def build_meta_model(arch: dict[str, Any], vocab_rows: int | None = None, dtype: torch.dtype = torch.bfloat16):
-    """The architecture on the meta device (no memory), its embedding resized to ``vocab_rows``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Gemma3ForConditionalGeneration
-
-    config = AutoConfig.for_model(**arch)
-    if vocab_rows is not None:
-        config.get_text_config().vocab_size = vocab_rows
-    with torch.device("meta"):
-        if config.model_type == "gemma3":
-            return Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
 def arch_info(arch: dict[str, Any], vocab_rows: int) -> ArchInfo:
-    from transformers import AutoConfig
-
-    text = AutoConfig.for_model(**arch).get_text_config()
+    text = arch_config(arch).get_text_config()
     layer_types = list(getattr(text, "layer_types", None) or [])
     return ArchInfo(
         model_type=arch["model_type"], vocab_rows=vocab_rows, base_vocab=text.vocab_size, hidden=text.hidden_size,
@@ -161,25 +124,6 @@ def arch_info(arch: dict[str, Any], vocab_rows: int) -> ArchInfo:
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         sliding_window=getattr(text, "sliding_window", None), sliding_layers=layer_types.count("sliding_attention"),
     )
-
-
-def _lora_targets(model: torch.nn.Module, target_modules: Any) -> list[torch.nn.Linear]:
-    """The linears LoRA adapts: every language-model linear but the head for ``all-linear`` (vision
-    tower and projector excluded), else those whose name ends with a listed name (PEFT's rule)."""
-    multimodal = getattr(model.config, "model_type", "") == "gemma3"
-    out = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if target_modules == "all-linear":
-            if name.endswith("lm_head") or "vision" in name or "multi_modal_projector" in name:
-                continue
-            if multimodal and "language_model" not in name:
-                continue
-            out.append(module)
-        elif any(name == key or name.endswith("." + key) for key in target_modules):
-            out.append(module)
-    return out
 
 
 def count_params(cfg: RunConfig, vocab: int | None = None, base_vocab: int | None = None,
@@ -195,9 +139,7 @@ def count_params(cfg: RunConfig, vocab: int | None = None, base_vocab: int | Non
         model: an already built meta model (the base, without PEFT) to reuse.
     """
     arch = read_arch_config(cfg.model.name)
-    from transformers import AutoConfig
-
-    arch_vocab = AutoConfig.for_model(**arch).get_text_config().vocab_size
+    arch_vocab = arch_config(arch).get_text_config().vocab_size
     rows = padded_vocab(vocab) if vocab else arch_vocab
     base_vocab = base_vocab or arch_vocab
     if model is None:
@@ -205,7 +147,7 @@ def count_params(cfg: RunConfig, vocab: int | None = None, base_vocab: int | Non
     info = arch_info(arch, rows)
     info.base_vocab = base_vocab
     base = _unique_numel(model)
-    targets = _lora_targets(model, cfg.lora.target_modules)
+    targets = lora_targets(model, cfg.lora)
     lora = sum(cfg.lora.r * (m.in_features + m.out_features) for m in targets)
     mode = cfg.lora.embeddings
     if mode == "full":
@@ -454,6 +396,6 @@ def seq_len_of_shards(cfg: RunConfig, default: int = 2048) -> int:
 
 
 __all__ = [
-    "ArchInfo", "MemoryPlan", "ParamCounts", "activation_bytes", "build_meta_model", "count_params", "estimate",
-    "format_plan", "loss_bytes", "plan", "read_arch_config", "seq_len_of_shards", "zero_stage_of_accelerate_config",
+    "ArchInfo", "MemoryPlan", "ParamCounts", "activation_bytes", "arch_info", "count_params", "estimate",
+    "format_plan", "loss_bytes", "plan", "seq_len_of_shards", "zero_stage_of_accelerate_config",
 ]
