@@ -151,17 +151,15 @@ def make_base_model(out: Path, arch: dict, base_tokenizer: Path) -> None:
     """Worker: the architecture with random bf16 weights (built on the GPU when there is one), saved
     with the base tokenizer as a local HuggingFace model directory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gemma3ForConditionalGeneration
+    from transformers import AutoTokenizer
 
-    config = AutoConfig.for_model(**arch)
+    from korcpt.model.load import model_from_arch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        if config.model_type == "gemma3":
-            model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_from_arch(arch, None, dtype)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -174,26 +172,19 @@ def make_base_model(out: Path, arch: dict, base_tokenizer: Path) -> None:
 
 def flops_per_token(arch: dict, vocab_rows: int, seq_len: int, r: int, new_rows: int) -> dict:
     """Model FLOPs per processed token of a LoRA run (module docstring); counts from the meta model."""
-    import torch
-
-    from korcpt.model.load import build_meta_model
+    from korcpt.config import LoraConfig
+    from korcpt.model.load import arch_config, build_meta_model
+    from korcpt.model.lora import lora_targets
     from korcpt.model.memory import arch_info
 
     model = build_meta_model(arch, vocab_rows)
     info = arch_info(arch, vocab_rows)
-    multimodal = arch["model_type"] == "gemma3"
     n_lin = n_lora = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
-            continue
-        if "vision" in name or "multi_modal_projector" in name or (multimodal and "language_model" not in name):
-            continue
+    for module in lora_targets(model, LoraConfig(r=r, target_modules="all-linear")):
         n_lin += module.in_features * module.out_features
         n_lora += r * (module.in_features + module.out_features)
     n_head = vocab_rows * info.hidden
-    from transformers import AutoConfig
-
-    layer_types = list(AutoConfig.for_model(**arch).get_text_config().layer_types)
+    layer_types = list(arch_config(arch).get_text_config().layer_types)
     full_ctx = (seq_len + 1) / 2
     window = info.sliding_window or seq_len
     w = min(window, seq_len)  # mean over i < seq_len of min(i + 1, W)
