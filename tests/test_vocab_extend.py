@@ -191,6 +191,22 @@ def test_failed_build_leaves_nothing_under_the_extended_name(tiny_base, tiny_ext
     assert (tmp_path / "notes" / "keep.txt").read_text("utf-8") == "mine"
 
 
+def test_vocab_stage_imports_no_later_stage():
+    import ast
+
+    later = ("korcpt.model", "korcpt.eval", "korcpt.train")
+    files = sorted((ROOT / "korcpt" / "vocab").glob("*.py"))
+    imported = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.append((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported += [(path.name, alias.name) for alias in node.names]
+    assert len(files) >= 2 and any(m.startswith("korcpt.") for _, m in imported)  # it did look
+    assert [(f, m) for f, m in imported if m.startswith(later)] == []
+
+
 # ------------------------------------------------------------------------ real Gemma 3 tokenizer
 
 
