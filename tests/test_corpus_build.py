@@ -229,3 +229,22 @@ def test_project_sample_data_if_present(tmp_path):
     korean = [x["text"] for x in lines if x["source"] == "korean"]
     assert korean and not [t for t in korean if any(s in t for s in ("[[", "]]", "'''", "[목차]", "[include(", "[Include(", "||", "{{{", "<ref"))]
     assert any(x["text"].startswith("당뇨병은 혈당 조절 장애로 인한 대사 질환이다") for x in lines)
+
+
+def test_validation_files_become_val_documents_for_the_shard_stage(sources, tmp_path):
+    from korcpt.corpus.validation import VAL_NAME, write_val_documents
+
+    val = tmp_path / "val.jsonl"
+    records = [{"text": _doc(90)}, {"text": "#redirect 당뇨병"}, {"text": "짧은 문서", "source": "held"}]
+    val.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "val.txt").write_text("  텍스트   검증  문서  ", encoding="utf-8")
+    build_corpus(_opts(sources, val_korean=[val, tmp_path / "val.txt"]), tmp_path / "out")
+    lines = [json.loads(x) for x in (tmp_path / "out" / VAL_NAME).read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 3  # the redirect left out; no length filter for chosen documents
+    assert lines[0]["text"].startswith("문서 90 라벨 90") and lines[0]["raw"] == _doc(90)  # cleaned, and as given
+    assert lines[1] == {"text": "짧은 문서", "source": "held"}  # unchanged by cleaning: no "raw"
+    assert lines[2]["source"] == "val_korean" and lines[2]["text"] == "텍스트 검증 문서"
+    val.write_text('{"text": "좋은 문서"}\n{"title": "no text"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="val.jsonl:2"):
+        write_val_documents([val], tmp_path / "again.jsonl")
+    assert not list(tmp_path.glob("*again.jsonl*"))  # nothing half-written

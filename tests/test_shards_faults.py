@@ -184,3 +184,40 @@ def test_tools_fail_with_one_line(pristine, tmp_path):
     os.truncate(shard, 3)
     one_line_error(tool("tools/inspect_shards.py", str(damaged)), str(shard))
     one_line_error(tool("tools/inspect_shards.py", str(pristine / "out"), "--sample", "99999"), "--sample 99999")
+
+
+# ---------------------------------------------------------------- the writer object and the stage's imports
+
+
+def test_an_exception_inside_the_writer_leaves_no_manifest_and_no_shard(pristine, tmp_path):
+    from korcpt.shards.documents import LineChunks
+    from korcpt.shards.encode import Encoder, load_pack_tokenizer
+    from korcpt.shards.writer import ShardWriter
+
+    out = tmp_path / "out"
+    shutil.copytree(pristine / "out", out)  # a complete earlier set: opening the writer replaces it
+    tokenizer = load_pack_tokenizer(str(pristine / "tok"))
+    with pytest.raises(RuntimeError, match="stop"):
+        with ShardWriter(out, tokenizer.dtype, seq_len=8, shard_tokens=200) as writer:
+            assert not (out / "manifest.json").exists()
+            Encoder(tokenizer, seed=0, val_fraction=0.2, workers=1).encode(LineChunks(pristine / "corpus.jsonl"),
+                                                                           writer.add)
+            assert len(list(out.glob("*/shard-*.bin"))) > 4  # shards were written before the failure
+            raise RuntimeError("stop")
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*/shard-*")) and not list(out.glob("*/.shard-*.tmp")) and not (out / "wds").exists()
+
+
+def test_the_shard_stage_imports_nothing_from_the_corpus_or_model_stages():
+    import ast
+
+    imported = []
+    for path in sorted((ROOT / "korcpt" / "shards").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.append((path.name, node.module))
+            elif isinstance(node, ast.Import):
+                imported += [(path.name, alias.name) for alias in node.names]
+    assert len(imported) > 20  # every module was read
+    upstream = [(f, m) for f, m in imported if m.startswith(("korcpt.corpus", "korcpt.model"))]
+    assert not upstream, upstream

@@ -266,6 +266,14 @@ class SourceCounts:
     rejected: dict[str, int] = field(default_factory=lambda: {r: 0 for r in REJECT_REASONS})
     rejects: list[dict[str, str]] = field(default_factory=list)
 
+    def reject(self, where: str, reason: str, detail: str, strict: bool) -> None:
+        """Count a rejected record and list the first few; with ``strict``, stop at it instead."""
+        if strict:
+            raise DataError(f"{where}: {reason.replace('_', ' ')}: {detail}")
+        self.rejected[reason] += 1
+        if len(self.rejects) < MAX_LISTED_REJECTS:
+            self.rejects.append({"where": where, "reason": reason, "detail": detail})
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "files": self.files, "read": self.read, "kept": self.kept,
@@ -321,22 +329,13 @@ def _consume(source: str, outcomes: Iterable[Outcome], counts: SourceCounts, spo
             bar.update(1)
         kind, where = outcome[0], outcome[1]
         if kind == "rejected":
-            reason, detail = outcome[2], outcome[3]
-            if strict:
-                raise DataError(f"{where}: {reason.replace('_', ' ')}: {detail}")
-            counts.rejected[reason] += 1
-            if len(counts.rejects) < MAX_LISTED_REJECTS:
-                counts.rejects.append({"where": where, "reason": reason, "detail": detail})
+            counts.reject(where, outcome[2], outcome[3], strict)
         elif kind == "dropped":
             counts.dropped[outcome[2]] += 1
         elif _LONE_SURROGATE.search(outcome[2]):
             # valid JSON can spell a lone surrogate ("\ud800"), which no UTF-8 output can hold
-            detail = "text holds a lone surrogate escape (\\ud800-\\udfff), not encodable as UTF-8"
-            if strict:
-                raise DataError(f"{where}: non utf8: {detail}")
-            counts.rejected[NON_UTF8] += 1
-            if len(counts.rejects) < MAX_LISTED_REJECTS:
-                counts.rejects.append({"where": where, "reason": NON_UTF8, "detail": detail})
+            counts.reject(where, NON_UTF8, "text holds a lone surrogate escape (\\ud800-\\udfff), not encodable as UTF-8",
+                          strict)
         else:
             counts.kept += 1  # until spool.duplicates() says otherwise
             spool.add(outcome[2], source, copies)
