@@ -84,6 +84,40 @@ def test_accumulation_is_token_weighted(tmp_path, tiny_data, micro, accum):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+def test_a_resume_onto_another_data_order_is_refused_in_one_line(tmp_path, tiny_data):
+    """The checkpoint holds the stream's state and what fixes the data order; a resume compares them
+    with the run's: another seed, shards rebuilt to the same size or another global batch are refused."""
+    from korcpt.errors import TrainingError
+    from korcpt.shards.reader import open_shards
+    from korcpt.shards.writer import ShardOptions, write_shards
+
+    tok, shards = tiny_data
+    sections = {"train": {"max_steps": 2, "save_steps": 1, "keep_last": 3, "seed": 3}}
+    _, out = run(tmp_path, tiny_data, "order", **sections)
+    saved = json.loads((out / "checkpoints/step-00000002/trainer_state.json").read_text())
+    assert saved["stream"] == {"seed": 3, "epoch": 0, "consumed": 8, "num_sequences": saved["data_order"]["num_sequences"]}
+    assert not {"losses", "history"} & set(saved["state"])  # per-step records live in metrics.jsonl
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["eval", "train", "train", "final"]
+    prefix = f"cannot resume from {out / 'checkpoints/step-00000002'}: the data order changed ("
+    suffix = "); resume with the checkpoint's settings or start afresh in another output.dir"
+
+    def refused(data, **overrides) -> str:
+        cfg = load_config(run_config(tmp_path / "again.yaml", *data, out, train={**sections["train"], **overrides}))
+        with pytest.raises(TrainingError) as err:
+            train(cfg, resume="auto")
+        return str(err.value)
+
+    assert refused(tiny_data, seed=4) == prefix + "seed 3 in the checkpoint, expected 4" + suffix
+    assert refused(tiny_data, grad_accum=4) == prefix + "global_batch 4 in the checkpoint, expected 8" + suffix
+    rebuilt = tmp_path / "rebuilt"  # the same documents packed in another order (seed 11: as many sequences)
+    write_shards(tiny_data[0].parent / "corpus.jsonl", rebuilt, ShardOptions(
+        tokenizer=str(tok), seq_len=64, val_fraction=0.1, shard_tokens=4096, seed=11, workers=1))
+    assert open_shards(rebuilt, "train").num_sequences == saved["data_order"]["num_sequences"]
+    message = refused((tok, rebuilt))
+    assert message.startswith(prefix + "shards_sha256 ") and message.endswith(suffix) and "num_sequences" not in message
+
+
 def test_interrupt_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_data):
     sections = {"train": {"max_steps": 8, "save_steps": 4, "keep_last": 3}}
     _, whole = run(tmp_path, tiny_data, "whole", **sections)
