@@ -307,6 +307,36 @@ def score_mcq(
         raise ValueError(f"mode must be 'letter' or 'choice', found {mode!r}")
     if world_size > 1 and gather is None:
         raise ValueError("score_mcq needs gather= when world_size > 1")
+    valid, skip_msgs = _valid_items(items, skipped)
+    if max_questions > 0:
+        valid = valid[:max_questions]
+    pool = list(fewshot) if fewshot is not None else valid
+    examples = [select_fewshot(item, pool, shots) for item in valid]  # raises before any forward
+    letter_sep, letter_ids = _letter_variant(tokenizer, valid, examples) if mode == "letter" else (" ", None)
+    # every question's token sequences on all ranks, so that skips and the split agree
+    encoded = _encode_questions(tokenizer, valid, examples, mode, letter_sep,
+                                _model_max_length(model) if max_length is None else max_length, skip_msgs)
+    mine, n_real = _rank_share(encoded, rank, world_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            scores = _run_requests(model, [s for _, seqs, _ in mine for s in seqs],
+                                   [c for _, _, conts in mine for c in conts], letter_ids=letter_ids,
+                                   batch_size=max(1, batch_size), pad_id=pad_id, desc=f"mcq {mode}")
+    finally:
+        model.train(was_training)
+    local = _predictions(mine[:n_real], scores, valid, mode)
+    predictions = sorted(gather(local) if world_size > 1 else local, key=lambda p: p["index"])
+    report = _report(predictions, skip_msgs, mode, shots, letter_sep, letter_ids)
+    if skip_msgs:
+        log.warning("MCQ: skipped %d question(s); first: %s", len(skip_msgs), skip_msgs[0])
+    return report
+
+
+def _valid_items(items: Sequence[MCQItem | dict], skipped: Sequence[str]) -> tuple[list[MCQItem], list[str]]:
+    """The items that parse, and the skip messages (``skipped`` first, then one per invalid record)."""
     skip_msgs = list(skipped)
     valid: list[MCQItem] = []
     for pos, item in enumerate(items):
@@ -317,28 +347,31 @@ def score_mcq(
             valid.append(parse_mcq_record(item))
         except MCQRecordError as exc:
             skip_msgs.append(f"item {pos}: {exc}")
-    if max_questions > 0:
-        valid = valid[:max_questions]
-    pool = list(fewshot) if fewshot is not None else valid
-    examples = [select_fewshot(item, pool, shots) for item in valid]  # raises before any forward
-    if max_length is None:
-        config = unwrap_base(model).config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        max_length = getattr(text, "max_position_embeddings", None)
+    return valid, skip_msgs
 
-    # Build every question's token sequences (all ranks, so that skips and the split agree).
-    letter_ids = None
-    letter_sep = " "
-    if mode == "letter":
-        for letter_sep in (" ", ""):
-            sample = [build_letter_prompt(it, ex, answer_sep=letter_sep) for it, ex in zip(valid[:3], examples[:3])]
-            letter_ids = letter_token_ids(tokenizer, sample, letter_sep) if sample else [0] * len(LETTERS)
-            if letter_ids is not None:
-                break
-        if letter_ids is None:
-            raise ModelError("the tokenizer does not encode the answer letters A..E after '정답:' as one token "
-                             "each (neither ' A' nor 'A'); use mode 'choice'")
-    encoded: list[tuple[int, list[list[int]], list[int]]] = []  # (index into valid, seqs, n_cont)
+
+def _model_max_length(model) -> int | None:
+    config = unwrap_base(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def _letter_variant(tokenizer, valid: list[MCQItem], examples: list) -> tuple[str, list[int]]:
+    """The answer separator (``" "`` or ``""``) after which A..E are single tokens, and their ids."""
+    for letter_sep in (" ", ""):
+        sample = [build_letter_prompt(it, ex, answer_sep=letter_sep) for it, ex in zip(valid[:3], examples[:3])]
+        letter_ids = letter_token_ids(tokenizer, sample, letter_sep) if sample else [0] * len(LETTERS)
+        if letter_ids is not None:
+            return letter_sep, letter_ids
+    raise ModelError("the tokenizer does not encode the answer letters A..E after '정답:' as one token "
+                     "each (neither ' A' nor 'A'); use mode 'choice'")
+
+
+def _encode_questions(tokenizer, valid: list[MCQItem], examples: list, mode: str, letter_sep: str,
+                      max_length: int | None, skip_msgs: list[str]) -> list[tuple[int, list[list[int]], list[int]]]:
+    """``(index into valid, token sequences, continuation lengths)`` per question that fits ``max_length``;
+    one that does not is added to ``skip_msgs``."""
+    encoded = []
     for pos, (item, ex) in enumerate(zip(valid, examples)):
         if mode == "letter":
             seqs = [_encode(tokenizer, build_letter_prompt(item, ex, answer_sep=letter_sep), True)]
@@ -353,33 +386,25 @@ def score_mcq(
             skip_msgs.append(f"question {pos}: prompt of {longest} tokens exceeds the model's {max_length}")
             continue
         encoded.append((pos, seqs, n_cont))
+    return encoded
 
-    # This rank's share, padded so that every rank runs the same number of forward passes.
+
+def _rank_share(encoded: list, rank: int, world_size: int) -> tuple[list, int]:
+    """This rank's questions, padded with copies of the first so that every rank runs the same number
+    of forward passes, and how many of them are its own."""
     per_rank = math.ceil(len(encoded) / world_size) if encoded else 0
     mine = encoded[rank::world_size]
     n_real = len(mine)
-    if per_rank > n_real:
-        mine = mine + [encoded[0]] * (per_rank - n_real)
-    flat_seqs = [s for _, seqs, _ in mine for s in seqs]
-    flat_cont = [c for _, _, conts in mine for c in conts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return (mine + [encoded[0]] * (per_rank - n_real) if per_rank > n_real else mine), n_real
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            scores = _run_requests(model, flat_seqs, flat_cont, letter_ids=letter_ids if mode == "letter" else None,
-                                   batch_size=max(1, batch_size), pad_id=pad_id, desc=f"mcq {mode}")
-    finally:
-        model.train(was_training)
 
+def _predictions(mine: list, scores: list[list[float]], valid: list[MCQItem], mode: str) -> list[dict]:
+    """One prediction dict per question of ``mine`` from its scores (in order, padding questions after)."""
     local: list[dict] = []
     cursor = 0
-    for k, (pos, seqs, _) in enumerate(mine):
+    for pos, seqs, _ in mine:
         item_scores = scores[cursor:cursor + len(seqs)]
         cursor += len(seqs)
-        if k >= n_real:
-            continue  # padding question of a short rank
         item = valid[pos]
         pred: dict[str, Any] = {"index": pos}
         pred.update({key: item.meta[key] for key in ("exam_type", "subject", "year", "q_number") if key in item.meta})
@@ -397,9 +422,11 @@ def score_mcq(
                         prediction_raw=LETTERS[choice_raw], correct_raw=choice_raw == item.answer,
                         logprobs=raw, logprobs_per_char=norm)
         local.append(pred)
-    predictions = gather(local) if world_size > 1 else local
-    predictions = sorted(predictions, key=lambda p: p["index"])
+    return local
 
+
+def _report(predictions: list[dict], skip_msgs: list[str], mode: str, shots: int, letter_sep: str,
+            letter_ids: list[int] | None) -> dict:
     n = len(predictions)
     n_correct = sum(p["correct"] for p in predictions)
     report: dict[str, Any] = {
@@ -423,6 +450,4 @@ def score_mcq(
     report["by_group"] = {key: _group_report(predictions, key, "correct")
                           for key in GROUP_KEYS if any(key in p for p in predictions)}
     report["predictions"] = predictions
-    if skip_msgs:
-        log.warning("MCQ: skipped %d question(s); first: %s", len(skip_msgs), skip_msgs[0])
     return report
