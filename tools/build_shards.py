@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         _add(sh, ShardOptions, name)
     _add(sh, CorpusOptions, "val_korean")
     _add(sh, ShardOptions, "shard_tokens")
-    sh.add_argument("--format", choices=["npy", "webdataset"], default="webdataset" if _default(_field(ShardOptions, "webdataset")) else "npy",
+    webdataset = _default(_field(ShardOptions, "webdataset"))
+    sh.add_argument("--format", choices=["npy", "webdataset"], default="webdataset" if webdataset else "npy",
                     help="also write webdataset tar shards of the packed sequences")
     _add(ap, CorpusOptions, "workers", help="worker processes (0: all cores)")
     ap.add_argument("--out", type=Path, required=True, help="output directory")

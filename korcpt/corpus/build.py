@@ -334,8 +334,8 @@ def _consume(source: str, outcomes: Iterable[Outcome], counts: SourceCounts, spo
             counts.dropped[outcome[2]] += 1
         elif _LONE_SURROGATE.search(outcome[2]):
             # valid JSON can spell a lone surrogate ("\ud800"), which no UTF-8 output can hold
-            counts.reject(where, NON_UTF8, "text holds a lone surrogate escape (\\ud800-\\udfff), not encodable as UTF-8",
-                          strict)
+            detail = "text holds a lone surrogate escape (\\ud800-\\udfff), not encodable as UTF-8"
+            counts.reject(where, NON_UTF8, detail, strict)
         else:
             counts.kept += 1  # until spool.duplicates() says otherwise
             spool.add(outcome[2], source, copies)

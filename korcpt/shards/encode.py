@@ -154,7 +154,7 @@ def _encode_chunk(first_line: int, lines: list[bytes]) -> TokenizedChunk:
 
 
 def _with_separators(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Documents' ids as one array of ``<bos> ids <eos>`` each (no <bos> if the tokenizer has none), and their lengths."""
+    """Documents' ids as one array of ``<bos> ids <eos>`` each (no <bos> without one), and their lengths."""
     bos, eos = _W["bos"], _W["eos"]
     extra = (bos is not None) + 1
     lens = np.fromiter((len(d) + extra for d in ids), dtype=np.int64, count=len(ids))
