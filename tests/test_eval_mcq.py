@@ -47,7 +47,7 @@ def tiny_tokenizer(tmp_path: Path, items: list[MCQItem]):
     are tokens, as in Gemma's vocabulary)."""
     from transformers import AutoTokenizer
 
-    from korcpt.vocab.tiny import train_tiny_tokenizer
+    from korcpt.assets import train_tiny_tokenizer
 
     text = tmp_path / "tok_text.txt"
     text.write_text("\n".join(build_letter_prompt(it, []) + " " + it.answer_letter for it in items), encoding="utf-8")

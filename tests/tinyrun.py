@@ -37,7 +37,7 @@ def synthetic_corpus(path: Path, n_docs: int = 240, seed: int = 0) -> Path:
 def build_tiny_data(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
     """(tokenizer_dir, shard_dir) built in ``root`` with korcpt's own tokenizer trainer and shard writer."""
     from korcpt.shards.writer import ShardOptions, write_shards
-    from korcpt.vocab.tiny import train_tiny_tokenizer
+    from korcpt.assets import train_tiny_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     corpus = synthetic_corpus(root / "corpus.jsonl")

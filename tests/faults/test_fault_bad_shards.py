@@ -29,7 +29,7 @@ CASES = ["truncated shard", "flipped byte in shard", "flipped byte in index", "m
 def other_tokenizer_shards(tmp_path_factory, tiny_data):
     """The same corpus packed with another tokenizer (a different vocabulary size)."""
     from korcpt.shards.writer import ShardOptions, write_shards
-    from korcpt.vocab.tiny import train_tiny_tokenizer
+    from korcpt.assets import train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("other_tok")
     corpus = Path(tiny_data[1]).parent / "corpus.jsonl"
