@@ -111,6 +111,16 @@ def test_wilson_interval():
     assert wilson_interval(5, 5)[1] == 1.0 and wilson_interval(0, 0) == [0.0, 1.0]
 
 
+@pytest.mark.parametrize("n", [1, 3, 6, 7, 10, 60, 604, 1000, 3000])
+def test_wilson_interval_holds_the_estimate_exactly(n):
+    # Before the clamp, k = 0 with n = 3 gave a lower bound of 5.6e-17, above the accuracy 0.0.
+    assert wilson_interval(0, n)[0] == 0.0
+    assert wilson_interval(n, n)[1] == 1.0
+    for k in range(n + 1):
+        low, high = wilson_interval(k, n)
+        assert 0.0 <= low <= k / n <= high <= 1.0, (k, n, low, high)
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])

@@ -199,14 +199,18 @@ def letter_token_ids(tokenizer, prompts: Sequence[str], answer_sep: str) -> list
 # ---------------------------------------------------------------------------------------------- scoring
 
 def wilson_interval(k: int, n: int, z: float = _Z95) -> list[float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (``[0, 1]`` when ``n`` is 0)."""
+    """Wilson score interval for ``k`` successes in ``n`` trials (``[0, 1]`` when ``n`` is 0).
+
+    The bounds always hold the estimate: ``low <= k / n <= high``, exactly 0.0 / 1.0 for k = 0 / k = n.
+    """
     if n == 0:
         return [0.0, 1.0]
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # Rounding can put a bound a few ulps on the wrong side of p (5.6e-17 > 0.0 for k = 0): clamp to p.
+    return [min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))]
 
 
 def _run_requests(model, seqs: list[list[int]], n_cont: list[int], *, letter_ids: list[int] | None,
