@@ -147,6 +147,9 @@ class EvalConfig:
 class OutputConfig:
     # Output directory: adapter, tokenizer/, training_info.json, checkpoints/, tensorboard/.
     dir: str = "outputs/run"
+    # The adapter saved at the end: best (lowest validation loss of any evaluation, baseline included;
+    # kept in checkpoints/best outside rotation) or last (the weights of the last step).
+    adapter: Literal["best", "last"] = "best"
 
 
 @dataclass

@@ -84,6 +84,33 @@ def test_accumulation_is_token_weighted(tmp_path, tiny_data, micro, accum):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+def test_the_best_adapter_is_kept_outside_rotation_and_saved(tmp_path, tiny_data):
+    """lr 5 makes every step worse than the untrained model: the saved adapter is the baseline's
+    (step 0), kept in checkpoints/best while step checkpoints rotate, and *_final are its figures."""
+    from tinyrun import initial_adapter
+
+    sections = {"train": {"max_steps": 4, "lr": 5.0, "save_steps": 1, "keep_last": 1}, "eval": {"steps": 2},
+                "output": {"adapter": "best"}}
+    info, out = run(tmp_path, tiny_data, "best", **sections)
+    assert info["best_step"] == 0 and info["adapter_step"] == 0 and info["steps"] == 4
+    assert info["val_loss_final"] == info["val_loss_baseline"] == info["val_loss_best"] < info["val_loss_last"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best", "step-00000004"]
+    assert json.loads((out / "checkpoints/best/best.json").read_text())["step"] == 0
+    saved, initial = adapter(out), initial_adapter(tmp_path / "best.yaml")
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in saved)
+    last, _ = run(tmp_path, tiny_data, "last", **{**sections, "output": {"adapter": "last"}})
+    assert last["adapter_step"] == 4 and last["val_loss_final"] == last["val_loss_last"] == info["val_loss_last"]
+
+
+def test_early_stopping_and_a_target_met_at_the_baseline_stop_the_run(tmp_path, tiny_data):
+    info, _ = run(tmp_path, tiny_data, "patience", train={"max_steps": 6},
+                  eval={"steps": 1, "patience": 2, "min_delta": 100.0})  # no evaluation counts as better
+    assert info["steps"] == 2 and [h["step"] for h in info["history"]] == [0, 1, 2, 2]
+    assert info["stop_reason"] == "early_stopping: validation loss did not improve by 100.0 for 2 evaluations"
+    info, _ = run(tmp_path, tiny_data, "target", eval={"target_ppl": 1e9})
+    assert info["steps"] == 0 and info["losses"] == [] and info["stop_reason"].startswith("target_ppl: ")
+
+
 def test_a_resume_onto_another_data_order_is_refused_in_one_line(tmp_path, tiny_data):
     """The checkpoint holds the stream's state and what fixes the data order; a resume compares them
     with the run's: another seed, shards rebuilt to the same size or another global batch are refused."""

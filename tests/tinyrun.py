@@ -96,7 +96,9 @@ def run_config(path: Path, tok_dir: Path, shards: Path, out: Path, **sections) -
         "train": {"lr": 0.005, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "warmup_steps": 1,
                   "seed": 3, "grad_clip": 1.0},
         "eval": {"steps": 3, "max_val_sequences": 8, "batch_size": 4},
-        "output": {"dir": str(out)},
+        # the last step's weights: the tests of training mechanics compare those (tests/test_train.py
+        # tests output.adapter: best, the shipped default)
+        "output": {"dir": str(out), "adapter": "last"},
     }
     for name, values in sections.items():
         cfg[name].update(values)

@@ -39,6 +39,7 @@ except ImportError:  # older safetensors keep it in the Rust module only
 _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
+BEST_DIR, BEST_FILE = "best", "best.json"  # checkpoints/best: the best adapter and its evaluation
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainerState:
     bad_steps_total: int = 0
     bad_in_a_row: int = 0  # non-finite steps skipped since the last good one (0 at every save)
     best_val_loss: float | None = None
+    best_step: int | None = None  # the step of best_val_loss, whose adapter checkpoints/best holds
     evals_without_improvement: int = 0
     baseline: dict = field(default_factory=dict)
     stop_reason: str | None = None  # early stop or non-finite streak: a resume from there trains no further
@@ -216,6 +218,37 @@ class Checkpointer:
         log.info("resumed from %s at step %d (written by %d process(es); stream %s)", path, state.step,
                  payload["world_size"], payload["stream"])
         return state
+
+    @property
+    def best_dir(self) -> Path:
+        return self.root / BEST_DIR
+
+    def maybe_keep_best(self, model, state: TrainerState, step: int, result: dict) -> None:
+        """Write the adapter to ``checkpoints/best`` (outside rotation) when the evaluation ``result`` at
+        ``step`` is the best so far (all ranks call: ZeRO-3 gathers the adapter)."""
+        if self.cfg.output.adapter != "best" or state.best_step != step or result.get("val_loss") is None:
+            return
+        from korcpt.train.outputs import save_adapter
+
+        tmp = self.root / f".tmp-{BEST_DIR}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(self.accelerator, model, self.cfg, tmp)
+        if self.accelerator.is_main_process:
+            atomic_write_json(tmp / BEST_FILE, {"step": step, "result": result})
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            os.replace(tmp, self.best_dir)
+        self.accelerator.wait_for_everyone()
+
+    def best_record(self, state: TrainerState) -> dict | None:
+        """``{"step", "result"}`` of the kept best adapter when it is the one to save (not the last step's)."""
+        if self.cfg.output.adapter != "best" or state.best_step in (None, state.step):
+            return None
+        record = json.loads((self.best_dir / BEST_FILE).read_text(encoding="utf-8"))
+        if record["step"] != state.best_step:
+            raise TrainingError(f"{self.best_dir} holds the adapter of step {record['step']}, expected step "
+                                f"{state.best_step} (the run's best); set output.adapter=last or rerun")
+        return record
 
     def maybe_save(self, state: TrainerState, last: bool) -> None:
         """Save every ``train.save_steps`` steps; the last step is saved by :meth:`save` at the run's end."""

@@ -103,14 +103,16 @@ class EarlyStopper:
     def __init__(self, ecfg: EvalConfig, state):
         self.ecfg, self.state = ecfg, state
 
-    def update(self, result: dict) -> str | None:
-        """Record ``result`` (best loss, evaluations without improvement) and say why to stop, if it is time."""
+    def update(self, step: int, result: dict) -> str | None:
+        """Record ``result`` at ``step`` (best loss and its step, evaluations without an improvement of
+        ``min_delta``) and say why to stop, if it is time; the baseline (step 0) counts like any other."""
         loss, state, ecfg = result.get("val_loss"), self.state, self.ecfg
         if loss is None:
             return None
         improved = state.best_val_loss is None or loss < state.best_val_loss - ecfg.min_delta
         state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
-        state.best_val_loss = loss if state.best_val_loss is None else min(loss, state.best_val_loss)
+        if state.best_val_loss is None or loss < state.best_val_loss:
+            state.best_val_loss, state.best_step = loss, step
         if ecfg.target_ppl and result["val_ppl"] <= ecfg.target_ppl:
             return f"target_ppl: validation perplexity {result['val_ppl']:.3f} <= {ecfg.target_ppl}"
         if ecfg.patience and state.evals_without_improvement >= ecfg.patience:

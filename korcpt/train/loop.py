@@ -421,10 +421,11 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
                        model_flops_per_token(engine.model, counts[0], train_set.seq_len))
     evaluator = Evaluator(engine.model, tokenizer, val_set, cfg, accelerator, total_steps)
     stopper = EarlyStopper(cfg.eval, state)
-    if resumed is None:
+    if resumed is None:  # a target already met at the baseline stops the run before it trains
         state.baseline = evaluator.run()
         record.evaluation(0, state.baseline)
-        stopper.update(state.baseline)
+        state.stop_reason = stopper.update(0, state.baseline)
+        checkpointer.maybe_keep_best(engine.model, state, 0, state.baseline)
     batches = iter(MicroBatches(stream, cfg.train.micro_batch_size, cfg.data.num_workers))
     while state.stop_reason is None and state.step < total_steps:
         result = train_step(engine, batches, cfg)
@@ -436,16 +437,19 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
         if evaluator.should_run(state.step):
             evaluated = evaluator.run(state.step)
             record.evaluation(state.step, evaluated)
-            state.stop_reason = stopper.update(evaluated)
+            state.stop_reason = stopper.update(state.step, evaluated)
+            checkpointer.maybe_keep_best(engine.model, state, state.step, evaluated)
         checkpointer.maybe_save(state, last)
     # saved before the final evaluation is recorded: a run killed while writing its outputs resumes from
     # this checkpoint, trains no further (all steps done, or its stop_reason set) and evaluates again
     checkpointer.save(state)
     final = evaluator.run()
     record.evaluation(state.step, final, kind="final")
-    info = training_info(cfg, state, final, record, counts, len(new_ids), workarounds)
+    stopper.update(state.step, final)
+    best = checkpointer.best_record(state)  # None: the last step's weights are the ones to save
+    info = training_info(cfg, state, final, best, record, counts, len(new_ids), workarounds)
     record.close()
-    save_outputs(accelerator, engine.model, tokenizer, cfg, info)
+    save_outputs(accelerator, engine.model, tokenizer, cfg, info, checkpointer.best_dir if best else None)
     accelerator.end_training()
     return info
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -96,25 +97,33 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
     os.replace(tmp, out_dir / "adapter_model.safetensors")
 
 
-def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict) -> None:
-    """Adapter, tokenizer/ and training_info.json into output.dir (all ranks call; rank 0 writes)."""
+def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict, adapter_from: Path | None = None) -> None:
+    """Adapter, tokenizer/ and training_info.json into output.dir (all ranks call; rank 0 writes). The
+    adapter is ``model``'s, or the one kept in ``adapter_from`` (``checkpoints/best``), copied."""
     out_dir = Path(cfg.output.dir)
-    save_adapter(accelerator, model, cfg, out_dir)
+    if adapter_from is None:
+        save_adapter(accelerator, model, cfg, out_dir)
+    elif accelerator.is_main_process:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tmp = out_dir / f".{name}.tmp"  # copied beside and renamed, as save_adapter writes
+            shutil.copyfile(adapter_from / name, tmp)
+            os.replace(tmp, out_dir / name)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
         atomic_write_json(out_dir / "training_info.json", info)
     accelerator.wait_for_everyone()
 
 
-def training_info(cfg: RunConfig, state, final: dict, record, counts: tuple[int, int], new_tokens: int,
-                  workarounds: list[str]) -> dict:
-    """The run record of ``training_info.json``: figures at the baseline, the end and the best, the
-    evaluation history and per-step losses (read back from ``metrics.jsonl``), throughput, versions
-    and the upstream workarounds the run needed."""
+def training_info(cfg: RunConfig, state, last: dict, best_record: dict | None, record, counts: tuple[int, int],
+                  new_tokens: int, workarounds: list[str]) -> dict:
+    """The run record of ``training_info.json``: figures at the baseline, of the saved adapter
+    (``*_final``: the best evaluation's when ``best_record`` says the kept best adapter is saved, else
+    the last step's ``last``), of the last step and the best, the evaluation history and per-step
+    losses (read back from ``metrics.jsonl``), throughput, versions and the upstream workarounds."""
     trainable_n, total_n = counts
     base = state.baseline
-    losses = [x for x in (state.best_val_loss, final.get("val_loss")) if x is not None]
-    best = min(losses) if losses else None
+    final = best_record["result"] if best_record else last
+    best = state.best_val_loss
     tokens_per_sec = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = tokens_per_sec / record.world
@@ -135,6 +144,12 @@ def training_info(cfg: RunConfig, state, final: dict, record, counts: tuple[int,
         "val_ppl_best": math.exp(best) if best is not None else None,
         "mcq_accuracy_baseline": base.get("mcq_accuracy"),
         "mcq_accuracy_final": final.get("mcq_accuracy"),
+        "adapter": cfg.output.adapter,
+        "adapter_step": best_record["step"] if best_record else state.step,
+        "best_step": state.best_step,
+        "val_loss_last": last.get("val_loss"),
+        "val_ppl_last": last.get("val_ppl"),
+        "mcq_accuracy_last": last.get("mcq_accuracy"),
         "history": record.history(),
         "losses": record.losses(),
         "bad_steps": state.bad_steps_total,
