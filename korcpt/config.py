@@ -117,8 +117,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Validation loss/perplexity every this many optimizer steps (0: only at start and end).
+    # Validation loss/perplexity every this many optimizer steps (0: only at start and end, or per_epoch).
     steps: int = 0
+    # Instead of steps: this many validation evaluations per epoch of the data, so that patience can
+    # trigger whatever the run's length (0: use steps).
+    per_epoch: int = 0
     # Cap on validation sequences (the first N of the val shards in stored order; 0: all).
     max_val_sequences: int = 0
     # KorMedMCQA-format JSONL to score (empty: no MCQ evaluation).
@@ -129,7 +132,7 @@ class EvalConfig:
     mcq_shots: int = 0
     # letter: next-token probability of A..E after "정답:"; choice: log-likelihood of each option's text.
     mcq_mode: Literal["letter", "choice"] = "letter"
-    # MCQ accuracy every this many optimizer steps (0: only at start and end).
+    # MCQ accuracy every this many optimizer steps (0: with every validation evaluation when mcq_file is set).
     mcq_steps: int = 0
     # Cap on MCQ questions scored (the first N; 0: all).
     mcq_max_questions: int = 0
@@ -392,10 +395,12 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
          f"model.device must be cpu, cuda or cuda:N, found {m.device!r}")
     for key, value in (("eval.steps", e.steps), ("eval.max_val_sequences", e.max_val_sequences),
                        ("eval.mcq_steps", e.mcq_steps), ("eval.mcq_max_questions", e.mcq_max_questions),
-                       ("eval.patience", e.patience), ("data.num_workers", cfg.data.num_workers)):
+                       ("eval.patience", e.patience), ("eval.per_epoch", e.per_epoch),
+                       ("data.num_workers", cfg.data.num_workers)):
         need(value >= 0, f"{key} must be >= 0, found {value}")
     need(0 <= e.mcq_shots <= 5, f"eval.mcq_shots must be in 0..5, found {e.mcq_shots}")
     need(e.batch_size >= 1, f"eval.batch_size must be >= 1, found {e.batch_size}")
+    need(not (e.steps and e.per_epoch), f"eval.steps {e.steps} and eval.per_epoch {e.per_epoch}: set one of them")
     need(e.min_delta >= 0, f"eval.min_delta must be >= 0, found {e.min_delta}")
     need(e.target_ppl == 0 or e.target_ppl > 1, f"eval.target_ppl must be 0 (off) or > 1, found {e.target_ppl}")
     need(not (e.mcq_shots and not e.mcq_fewshot_file), "eval.mcq_shots > 0 needs eval.mcq_fewshot_file")

@@ -100,3 +100,32 @@ def test_model_architecture_builds_on_meta(path):
     data = json.loads(path.read_text(encoding="utf-8"))
     model = build_meta_model(data)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("name", ["4b.yaml", "4b_zero2.yaml", "27b_zero3.yaml"])
+def test_the_spec_stop_rule_is_on_and_can_trigger(name):
+    """Validation loss better by less than 0.01 for 5 evaluations, or perplexity 3.0; the evaluations
+    come per epoch, so more of them fit in an epoch than patience needs, whatever the stage's length."""
+    from korcpt.train.evaluation import evaluation_every
+
+    e = load_config(CONFIGS / name, check_files=False).eval
+    assert (e.patience, e.min_delta, e.target_ppl, e.steps) == (5, 0.01, 3.0, 0)
+    assert e.per_epoch > e.patience
+    for steps_per_epoch in (37, 1_000, 50_000):  # a quick-validation stage to a full one
+        every, _ = evaluation_every(e, steps_per_epoch)
+        assert steps_per_epoch // every >= e.per_epoch > e.patience
+
+
+def test_evaluation_cadence():
+    from korcpt.config import EvalConfig
+    from korcpt.errors import ConfigError
+    from korcpt.train.evaluation import evaluation_every
+
+    assert evaluation_every(EvalConfig(per_epoch=20), 1000) == (50, 0)
+    assert evaluation_every(EvalConfig(per_epoch=20, mcq_file="mcq.jsonl"), 1000) == (50, 50)
+    assert evaluation_every(EvalConfig(per_epoch=20, mcq_file="mcq.jsonl", mcq_steps=300), 10) == (1, 300)
+    assert evaluation_every(EvalConfig(steps=7), 1000) == (7, 0)
+    assert evaluation_every(EvalConfig(), 1000) == (0, 0)
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "4b.yaml", overrides=["eval.steps=500"], check_files=False)
+    assert "eval.steps 500 and eval.per_epoch 20: set one of them" in str(err.value)

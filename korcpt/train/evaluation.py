@@ -31,25 +31,34 @@ def load_mcq_for_run(cfg: RunConfig):
     return items, fewshot, skipped
 
 
-class Evaluator:
-    """Validation perplexity every ``eval.steps`` and KorMedMCQA every ``eval.mcq_steps`` optimizer steps
-    (neither at the last step: the final evaluation covers it), and everything at the baseline and the end."""
+def evaluation_every(ecfg: EvalConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """Optimizer steps between validation evaluations and between KorMedMCQA ones (0: only at the
+    baseline and the end): ``eval.steps``, or ``eval.per_epoch`` evaluations per epoch of
+    ``steps_per_epoch`` steps; MCQ at ``eval.mcq_steps``, else with every validation evaluation."""
+    val = ecfg.steps or (max(1, steps_per_epoch // ecfg.per_epoch) if ecfg.per_epoch else 0)
+    return val, ecfg.mcq_steps or (val if ecfg.mcq_file else 0)
 
-    def __init__(self, model, tokenizer, val_set, cfg: RunConfig, accelerator, total_steps: int):
+
+class Evaluator:
+    """Validation perplexity and KorMedMCQA at the cadence of :func:`evaluation_every` (neither at the
+    last step: the final evaluation covers it), and everything at the baseline and the end."""
+
+    def __init__(self, model, tokenizer, val_set, cfg: RunConfig, accelerator, total_steps: int, steps_per_epoch: int):
         self.model, self.tokenizer, self.val_set, self.cfg = model, tokenizer, val_set, cfg
         self.accelerator, self.total_steps = accelerator, total_steps
+        self.val_every, self.mcq_every = evaluation_every(cfg.eval, steps_per_epoch)
         self.mcq = load_mcq_for_run(cfg)
 
     def _due(self, every: int, step: int) -> bool:
         return bool(every) and step % every == 0 and step < self.total_steps
 
     def should_run(self, step: int) -> bool:
-        return self._due(self.cfg.eval.steps, step) or self._due(self.cfg.eval.mcq_steps, step)
+        return self._due(self.val_every, step) or self._due(self.mcq_every, step)
 
     def run(self, step: int | None = None) -> dict:
         """What is due at ``step``, or everything (``step`` None: baseline and final evaluation)."""
-        ppl = step is None or self._due(self.cfg.eval.steps, step)
-        mcq = step is None or self._due(self.cfg.eval.mcq_steps, step)
+        ppl = step is None or self._due(self.val_every, step)
+        mcq = step is None or self._due(self.mcq_every, step)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():

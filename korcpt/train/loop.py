@@ -255,15 +255,17 @@ def open_data(cfg: RunConfig, tokenizer):
     return train_set, val_set
 
 
-def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int) -> int:
-    """Optimizer steps of the run: ``max_steps``, or whole steps over ``epochs`` epochs (a last partial
-    step is dropped). Worked example: 1,000 sequences, 2 ranks, micro-batch 2, accumulation 4 -> each
-    rank sees 500 per epoch = 250 micro-steps = 62 optimizer steps (62.5, the half step dropped)."""
-    if cfg.train.max_steps:
+def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int, epochs: int = 0) -> int:
+    """Optimizer steps of the run: ``max_steps``, or whole steps over ``epochs`` (default
+    ``train.epochs``) epochs (a last partial step is dropped); ``epochs=1`` gives the steps of one
+    epoch whatever ``max_steps`` says. Worked example: 1,000 sequences, 2 ranks, micro-batch 2,
+    accumulation 4 -> each rank sees 500 per epoch = 250 micro-steps = 62 optimizer steps (62.5, the
+    half step dropped)."""
+    if cfg.train.max_steps and not epochs:
         return cfg.train.max_steps
     per_rank = sequences_per_epoch // world
     micro_steps = math.ceil(per_rank / cfg.train.micro_batch_size)
-    return (micro_steps * cfg.train.epochs) // cfg.train.grad_accum
+    return (micro_steps * (epochs or cfg.train.epochs)) // cfg.train.grad_accum
 
 
 # ---------------------------------------------------------------- data
@@ -419,7 +421,8 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     state = resumed or TrainerState()
     record = RunRecord(cfg, accelerator, total_steps, state.step,
                        model_flops_per_token(engine.model, counts[0], train_set.seq_len))
-    evaluator = Evaluator(engine.model, tokenizer, val_set, cfg, accelerator, total_steps)
+    evaluator = Evaluator(engine.model, tokenizer, val_set, cfg, accelerator, total_steps,
+                          plan_steps(cfg, stream.epoch_length, accelerator.num_processes, epochs=1))
     stopper = EarlyStopper(cfg.eval, state)
     if resumed is None:  # a target already met at the baseline stops the run before it trains
         state.baseline = evaluator.run()
