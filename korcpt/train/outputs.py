@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from korcpt.config import RunConfig
+from korcpt import assets
+from korcpt.config import ModelConfig, RunConfig
 from korcpt.model.lora import trained_rows
 from korcpt.shards.format import atomic_write_json
 from korcpt.train.metrics import mfu, versions
@@ -75,6 +76,25 @@ def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], l
     return state, ids
 
 
+def base_model_reference(mcfg: ModelConfig) -> str:
+    """What adapter_config.json names as ``base_model_name_or_path``: something PEFT's
+    ``AutoPeftModelForCausalLM.from_pretrained`` can load without korcpt.
+
+    A preset becomes the directory korcpt converted/cached it into (or its hub id), a local directory
+    its absolute path (a relative one would only resolve from the run's working directory), a hub id
+    stays as given. There is no loadable base for a GGUF file (transformers wants ``gguf_file=``) or a
+    random-init run (an architecture file, random weights): their absolute path is written as a record
+    of what the base was, and such an adapter loads only onto a base built by hand (PeftModel).
+    """
+    if mcfg.random_init:  # never the preset a name may also mean: these weights were random
+        path = Path(mcfg.name).expanduser()
+        path = path if path.exists() else assets.ARCH_DIR / f"{mcfg.name}.json"
+        return str(path.resolve()) if path.exists() else mcfg.name
+    source = assets.resolve(mcfg.name)
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
 def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
     """Write adapter_model.safetensors and adapter_config.json loadable by PeftModel.from_pretrained."""
     import copy
@@ -88,9 +108,14 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
     config = copy.deepcopy(unwrapped.peft_config["default"])
     if ids:
         config.trainable_token_indices = {"embed_tokens": ids}
-    config.base_model_name_or_path = cfg.model.name
+    config.base_model_name_or_path = base_model_reference(cfg.model)  # not a preset alias: PEFT cannot resolve one
     out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
+    # korcpt's LoRA config has no task type, so AutoPeftModel* builds the base from auto_mapping, which
+    # PEFT's own save_pretrained writes in that case: the base's transformers class.
+    base_cls = type(unwrapped.get_base_model())
+    auto_mapping = None if config.task_type else {"base_model_class": base_cls.__name__,
+                                                  "parent_library": base_cls.__module__}
+    config.save_pretrained(str(out_dir), auto_mapping_dict=auto_mapping)
     # written beside and renamed: a run killed mid-write never leaves a truncated adapter behind
     tmp = out_dir / ".adapter_model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
