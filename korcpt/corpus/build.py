@@ -3,7 +3,8 @@
 How it runs, and why memory stays flat in the size of the Korean input:
 
 1. Each source is streamed record by record (:mod:`korcpt.corpus.readers`) and converted
-   (:mod:`~korcpt.corpus.wiki`, :mod:`~korcpt.corpus.medical`); Korean records are cleaned in a
+   (:mod:`~korcpt.corpus.wiki`, :mod:`~korcpt.corpus.medical`); a Korean record gets the Namu, wiki
+   or plain cleaner its input names or its shape shows (:mod:`~korcpt.corpus.textformat`), in a
    process pool when the input is large, a bounded window of batches in flight, results in input
    order (so the output does not depend on the number of workers).
 2. Every kept document is written once, already as its final JSON line, to a spool file beside
@@ -46,9 +47,9 @@ import numpy as np
 
 from korcpt.corpus.medical import RecordError, char_dict_text, medical_dict_text, mcq_text, parse_mcq
 from korcpt.corpus.readers import NON_UTF8, REJECT_REASONS, Record, Rejected, expand_inputs, input_bytes, iter_records
-from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, collapse_spaces, drop_reason, normalize_text
+from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, collapse_spaces, drop_reason
+from korcpt.corpus.textformat import AUTO, clean_as, record_format, split_format
 from korcpt.corpus.validation import VAL_NAME, write_val_documents
-from korcpt.corpus.wiki import clean_wiki, is_redirect
 from korcpt.errors import DataError
 from korcpt.log import get_logger, progress
 
@@ -68,7 +69,8 @@ log = get_logger(__name__)
 class CorpusOptions:
     """Inputs and settings of the corpus stage (the ``corpus`` flags of ``tools/build_shards.py``)."""
 
-    # Korean text: JSON array (Namu dump), JSONL, .txt, a directory of those, or a save_to_disk dataset.
+    # Korean text: JSON array (Namu dump), JSONL, .txt, a directory of those, or a save_to_disk dataset;
+    # PATH:namu, PATH:wiki or PATH:plain says which cleaner its records get (default: detected per record).
     korean: list[Path] = field(default_factory=list)
     # KorMedMCQA training JSONL (question, A..E, answer 1-based).
     mcq: Path | None = None
@@ -78,7 +80,8 @@ class CorpusOptions:
     char_dict: Path | None = None
     # KorMedMCQA files held out for evaluation: their questions are removed from every source.
     exclude_mcq: list[Path] = field(default_factory=list)
-    # Explicit validation text (the formats of korean), cleaned into val_documents.jsonl for the shard stage.
+    # Explicit validation text (the formats of korean, PATH:FORMAT too), cleaned into val_documents.jsonl
+    # for the shard stage.
     val_korean: list[Path] = field(default_factory=list)
     # Copies of each kept medical document in the mix.
     medical_multiplier: int = 5
@@ -119,6 +122,11 @@ def validate_options(opts: CorpusOptions) -> None:
         problems.append(f"min_hangul_ratio must be in [0, 1], found {opts.min_hangul_ratio}")
     if opts.workers < 0:
         problems.append(f"workers must be >= 0 (0: all cores), found {opts.workers}")
+    for spec in [*opts.korean, *opts.val_korean]:
+        try:
+            split_format(spec)
+        except DataError as exc:
+            problems.append(str(exc))
     if problems:
         raise DataError("; ".join(problems))
 
@@ -188,16 +196,14 @@ def load_exclusions(paths: list[Path]) -> ExcludeSet:
 Outcome = tuple
 
 
-def _korean_outcome(rec: Record, min_chars: int, min_hangul_ratio: float, exclude: ExcludeSet | None) -> Outcome:
-    if rec.is_text:
-        text = normalize_text(rec.value)
-    else:
-        raw = rec.value.get("text") if isinstance(rec.value, dict) else None
-        if not isinstance(raw, str):
-            return ("rejected", rec.where, "missing_field", "missing or non-string field 'text'")
-        if is_redirect(raw):
-            return ("dropped", rec.where, REDIRECT)
-        text = clean_wiki(raw)
+def _korean_outcome(rec: Record, fmt: str, min_chars: int, min_hangul_ratio: float,
+                    exclude: ExcludeSet | None) -> Outcome:
+    raw = rec.value if rec.is_text else rec.value.get("text") if isinstance(rec.value, dict) else None
+    if not isinstance(raw, str):
+        return ("rejected", rec.where, "missing_field", "missing or non-string field 'text'")
+    text = clean_as(raw, record_format(rec.value, rec.is_text, fmt))
+    if text is None:
+        return ("dropped", rec.where, REDIRECT)
     reason = drop_reason(text, min_chars, min_hangul_ratio)
     if reason is None and exclude is not None and exclude.matches_text(text):
         reason = EXCLUDED
@@ -347,26 +353,43 @@ def _records(paths: list[Path]) -> Iterator[Record | Rejected]:
             yield rec
 
 
+def _expand_korean(specs: list[Path]) -> list[tuple[Path, str]]:
+    """Each input file of ``specs`` (``PATH`` or ``PATH:FORMAT``) with its text format."""
+    out = []
+    for spec in specs:
+        path, fmt = split_format(spec)
+        out += [(p, fmt) for p in expand_inputs([path])]
+    return out
+
+
+def _korean_records(inputs: list[tuple[Path, str]]) -> Iterator[tuple[Record | Rejected, str]]:
+    for path, fmt in inputs:
+        for rec in iter_records(path):
+            yield rec, fmt
+
+
 def _rejected_outcome(rec: Rejected) -> Outcome:
     return ("rejected", rec.where, rec.reason, rec.detail)
 
 
-def _korean_outcomes(paths: list[Path], opts: CorpusOptions, exclude: ExcludeSet | None) -> Iterator[Outcome]:
+def _korean_outcomes(inputs: list[tuple[Path, str]], opts: CorpusOptions,
+                     exclude: ExcludeSet | None) -> Iterator[Outcome]:
     args = (opts.min_chars, opts.min_hangul_ratio, exclude)
     workers = opts.workers or os.cpu_count() or 1
-    if workers > 1 and input_bytes(paths) >= opts.parallel_min_bytes:
+    if workers > 1 and input_bytes([p for p, _ in inputs]) >= opts.parallel_min_bytes:
         log.info("cleaning Korean text with %d worker processes", workers)
         # Rejected records pass through the pool untouched, so that order is kept.
-        batches = _batched(_records(paths), _BATCH)
+        batches = _batched(_korean_records(inputs), _BATCH)
         yield from _ordered_parallel(_korean_or_rejected_batch, batches, workers, args)
     else:
         _init_worker(args)
-        for rec in _records(paths):
-            yield _rejected_outcome(rec) if isinstance(rec, Rejected) else _korean_outcome(rec, *args)
+        for rec, fmt in _korean_records(inputs):  # one at a time: a list would hold the whole input
+            yield _rejected_outcome(rec) if isinstance(rec, Rejected) else _korean_outcome(rec, fmt, *args)
 
 
-def _korean_or_rejected_batch(batch: list[Record | Rejected]) -> list[Outcome]:
-    return [_rejected_outcome(r) if isinstance(r, Rejected) else _korean_outcome(r, *_worker_args) for r in batch]
+def _korean_or_rejected_batch(batch: list[tuple[Record | Rejected, str]]) -> list[Outcome]:
+    return [_rejected_outcome(r) if isinstance(r, Rejected) else _korean_outcome(r, fmt, *_worker_args)
+            for r, fmt in batch]
 
 
 def distribution(base: dict[str, int], final: dict[str, int], multiplier: int) -> list[dict[str, Any]]:
@@ -409,8 +432,9 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
     """
     validate_options(opts)
     # Resolve every input before any work, so that a typo in the last path fails at once.
+    korean = _expand_korean(list(opts.korean))
     inputs: dict[str, list[Path]] = {
-        "korean": expand_inputs(list(opts.korean)) if opts.korean else [],
+        "korean": [p for p, _ in korean],
         "mcq": expand_inputs([opts.mcq]) if opts.mcq else [],
         "medical_dict": expand_inputs([opts.medical_dict]) if opts.medical_dict else [],
         "char_dict": expand_inputs([opts.char_dict]) if opts.char_dict else [],
@@ -433,7 +457,7 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
                     _consume(source, outcomes, counts[source], spool, opts.medical_multiplier, opts.strict)
             if inputs["korean"]:
                 with progress(desc="korean", unit="doc", disable=not opts.progress) as bar:
-                    _consume("korean", _korean_outcomes(inputs["korean"], opts, exclude), counts["korean"],
+                    _consume("korean", _korean_outcomes(korean, opts, exclude), counts["korean"],
                              spool, 1, opts.strict, bar)
         lines, final = _write_mixed(spool, out_dir / OUTPUT_NAME, opts, counts)
     finally:
@@ -444,7 +468,8 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
         "options": {"medical_multiplier": opts.medical_multiplier, "seed": opts.seed, "max_samples": opts.max_samples,
                     "min_chars": opts.min_chars, "min_hangul_ratio": opts.min_hangul_ratio, "strict": opts.strict,
                     "exclude_mcq": [str(p) for p in opts.exclude_mcq],
-                    "excluded_questions": len(exclude) if exclude is not None else 0},
+                    "excluded_questions": len(exclude) if exclude is not None else 0,
+                    "korean_formats": {str(p): f for p, f in korean if f != AUTO}},
         "sources": {s: counts[s].as_dict() for s in SOURCES},
         "distribution": distribution(base, final, opts.medical_multiplier),
     }

@@ -1,9 +1,10 @@
 """Explicit validation files -> ``val_documents.jsonl``, the validation set the shard stage reads.
 
 The files come in the formats of the Korean input (JSON array, JSONL, ``.txt`` = one document, a
-``save_to_disk`` directory) and are cleaned as Korean records are: a ``{"text"}`` record (or a bare
-JSON string) of wiki markup, a ``.txt`` document normalised; redirects are left out. No length or
-Hangul filter applies: the user chose these documents.
+``save_to_disk`` directory, ``PATH:FORMAT`` too) and are cleaned as Korean records are: a ``{"text"}``
+record (or a bare JSON string) by the cleaner :mod:`~korcpt.corpus.textformat` picks, a ``.txt``
+document normalised; redirects are left out. No length or Hangul filter applies: the user chose
+these documents.
 
 Each line written is ``{"text": cleaned, "source": ..., "raw": as given}`` (``raw`` only where cleaning
 changed the text), in input order. The shard stage packs ``text`` as the validation split and keeps
@@ -18,31 +19,29 @@ from pathlib import Path
 from typing import Iterator
 
 from korcpt.corpus.readers import Record, Rejected, expand_inputs, iter_records
-from korcpt.corpus.text import normalize_text
-from korcpt.corpus.wiki import clean_wiki, is_redirect
+from korcpt.corpus.textformat import AUTO, clean_as, record_format, split_format
 from korcpt.errors import DataError
 
 VAL_NAME = "val_documents.jsonl"
 VAL_SOURCE = "val_korean"  # the source of a validation document whose record names none
 
 
-def val_document(rec: Record | Rejected) -> dict[str, str] | None:
-    """One validation record as a document line's object; ``None`` for a redirect.
+def val_document(rec: Record | Rejected, fmt: str = AUTO) -> dict[str, str] | None:
+    """One validation record as a document line's object, cleaned as ``fmt``; ``None`` for a redirect.
 
     Raises:
         DataError: a record that cannot be decoded, or that is neither a string nor a ``{"text"}`` object.
     """
     if isinstance(rec, Rejected):
         raise DataError(f"{rec.where}: validation record rejected ({rec.reason}: {rec.detail})")
-    if rec.is_text:
-        return _document(normalize_text(rec.value), VAL_SOURCE, rec.value)
-    raw = rec.value.get("text") if isinstance(rec.value, dict) else rec.value
+    raw = rec.value if rec.is_text else rec.value.get("text") if isinstance(rec.value, dict) else rec.value
     if not isinstance(raw, str):
         raise DataError(f"{rec.where}: expected a string or an object with a string \"text\"")
-    if is_redirect(raw):
+    text = clean_as(raw, record_format(rec.value, rec.is_text, fmt))
+    if text is None:
         return None
     source = rec.value.get("source") if isinstance(rec.value, dict) else None
-    return _document(clean_wiki(raw), str(source or VAL_SOURCE), raw)
+    return _document(text, str(source or VAL_SOURCE), raw)
 
 
 def _document(text: str, source: str, raw: str) -> dict[str, str]:
@@ -55,9 +54,11 @@ def val_documents(paths: list[Path]) -> Iterator[dict[str, str]]:
     Raises:
         DataError: a missing or empty input, or a record :func:`val_document` refuses.
     """
-    for path in expand_inputs([Path(p) for p in paths]):
+    # every path resolved before any is read, so that a typo in the last one fails at once
+    inputs = [(path, fmt) for given, fmt in map(split_format, paths) for path in expand_inputs([given])]
+    for path, fmt in inputs:
         for rec in iter_records(path):
-            doc = val_document(rec)
+            doc = val_document(rec, fmt)
             if doc is not None:
                 yield doc
 

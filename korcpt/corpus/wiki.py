@@ -24,8 +24,10 @@ namu-wiki-extractor 0.3.0   0/4                    0/4               0.49
 mwparserfromhell 0.7.2      4/4                    4/4               1.04
 ==========================  =====================  ================  ==========
 
-Only records of structured inputs (JSON, JSONL, Arrow: the wiki dumps) are wiki-cleaned; ``.txt``
-files are plain text and only normalised (wiki rules would eat ``1.`` and ``*`` list markers there).
+Which records get these rules is decided in :mod:`korcpt.corpus.textformat`: Namu records get
+:func:`clean_wiki`, MediaWiki-style records :func:`clean_mediawiki` (the rules the two share, none of
+Namu's ``~~``/``^^``/``##``/``||`` rules that would eat web prose), plain text
+only normalisation (and ``.txt`` files by default: wiki rules would eat their ``1.`` and ``*`` markers).
 
 Rules, in order: ``{{{...}}}`` blocks unwrapped innermost first (``#!syntax`` code dropped,
 ``#!html`` tags stripped, ``+1``/``#color`` prefixes dropped); ``<ref>``, HTML comments and tags;
@@ -79,6 +81,10 @@ _SUB = re.compile(r",,(.+?),,")
 _TAG = re.compile(r"</?[a-zA-Z][^<>]*>")
 _ESCAPE = re.compile(r"\\(.)")
 _LEFTOVER = re.compile(r"\[\[|\]\]|\{\{\{|\}\}\}|'''|\|\|")
+# MediaWiki only: [https://x label] external links and __TOC__ magic words; its leftovers keep "||"
+_EXTERNAL = re.compile(r"\[(?:https?:)?//[^\s\]]+(?:\s+([^\]\n]*))?\]")
+_MAGIC = re.compile(r"__[A-Z]+__")
+_WIKI_LEFTOVER = re.compile(r"\[\[|\]\]|'''")
 
 
 def is_redirect(text: str) -> bool:
@@ -158,4 +164,34 @@ def clean_wiki(text: str) -> str:
     text = _TAG.sub("", text)
     text = _ESCAPE.sub(r"\1", text)
     text = _LEFTOVER.sub("", text)
+    return normalize_text(text)
+
+
+def clean_mediawiki(text: str) -> str:
+    """Strip the markup MediaWiki shares with Namu, and apply none of Namu's own rules.
+
+    Kept from :func:`clean_wiki`: ``<ref>``, comments, ``<br>``, ``[[links]]`` (files and categories
+    dropped), ``{{templates}}``, headings, rules, ``'''bold'''``/``''italic''``, HTML tags. Added:
+    ``[https://x label]`` -> label, ``__TOC__``-style magic words dropped. Left alone, because they
+    are prose outside Namu: ``~~``, ``^^``, ``__x__``, ``,,``, ``##`` lines, ``||``, backslashes,
+    ``>`` and ``*`` line starts. Tables (``{| |}``) are not parsed.
+
+    Example:
+        >>> clean_mediawiki("'''서울'''은 [[대한민국|한국]]의 수도다^^ {{인용 필요}}")
+        '서울은 한국의 수도다^^'
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _REF.sub("", text)
+    text = _HTML_COMMENT.sub("", text)
+    text = _BR.sub("\n", text)
+    text = _sub_until_stable(_LINK, _link, text)
+    text = _EXTERNAL.sub(lambda m: m.group(1) or "", text)
+    text = _sub_until_stable(_TEMPLATE, "", text)
+    text = _MAGIC.sub("", text)
+    text = _HEADING.sub(r"\n\2\n", text)
+    text = _HR.sub("", text)
+    for pattern in (_BOLD, _ITALIC):
+        text = pattern.sub(r"\1", text)
+    text = _TAG.sub("", text)
+    text = _WIKI_LEFTOVER.sub("", text)
     return normalize_text(text)

@@ -5,7 +5,8 @@ or raises DataError -- never any other exception.
 Generated per source file: random bytes; JSONL or JSON-array records with a field replaced by a value
 of the wrong type or deleted; answers 0, 6, "B", null, "3", 2.5, true...; lines cut short (truncated
 JSON); invalid UTF-8 inserted; lone surrogate escapes ("\\ud800"); UTF-8 and UTF-16 BOMs; CRLF line
-ends; blank lines; NUL bytes; JSON nested 10, 1,000 or 100,000 deep. A separate test feeds 10 MB lines.
+ends; blank lines; NUL bytes; JSON nested 10, 1,000 or 100,000 deep; Korean text with wiki markup and
+web emoticons, the Korean file given as PATH, PATH:auto/namu/wiki/plain. A separate test feeds 10 MB lines.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ ANSWERS = [0, 6, "B", None, "3", 2.5, True, -1, 10**30, [], {}, 1, 5]
 WRONG = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**20), st.floats(allow_nan=True),
                   st.text(max_size=30), st.lists(st.integers(), max_size=3),
                   st.dictionaries(st.text(max_size=4), st.integers(), max_size=2), st.just(KO * 3),
-                  st.just("\ud800" + KO * 3), st.sampled_from(ANSWERS))
+                  st.just("\ud800" + KO * 3), st.sampled_from(ANSWERS),
+                  st.just("[[링크|" + KO + "]] 좋아요~~\n" + KO + "~~ ^^ ## " + KO), st.just("#redirect " + KO))
 LINE_FAULTS = ["none", "none", "truncate", "bad_utf8", "surrogate_escape", "random_bytes", "deep", "nul", "blank"]
 INVALID_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xe2\x82"]
 
@@ -172,8 +174,9 @@ def _check_report(report: dict, out: Path, files: dict) -> None:
 @settings(max_examples=30, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large, HealthCheck.large_base_example])
-@given(files=source_files(), min_chars=st.sampled_from([0, 20, 100]), strict=st.sampled_from([False, False, False, True]))
-def test_fuzzed_corpus_inputs_are_counted_or_refused_with_a_data_error(files, min_chars, strict, tally):
+@given(files=source_files(), min_chars=st.sampled_from([0, 20, 100]),
+       strict=st.sampled_from([False, False, False, True]), korean_format=st.sampled_from(["", ":auto", ":namu", ":wiki", ":plain"]))
+def test_fuzzed_corpus_inputs_are_counted_or_refused_with_a_data_error(files, min_chars, strict, korean_format, tally):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = {}
@@ -185,7 +188,7 @@ def test_fuzzed_corpus_inputs_are_counted_or_refused_with_a_data_error(files, mi
         anchor.write_bytes(b"".join(_dump({"text": f"{i}번 문서. " + KO * 4}) + b"\n" for i in range(ANCHOR_RECORDS)))
         if "korean" in files and files["korean"]["expected"] is not None:
             files["korean"]["expected"] += ANCHOR_RECORDS
-        korean = [p for p in (paths.get("korean"), anchor) if p is not None]
+        korean = [Path(f"{p}{korean_format}") for p in (paths.get("korean"), anchor) if p is not None]
         opts = CorpusOptions(korean=korean, mcq=paths.get("mcq"),
                              medical_dict=paths.get("medical_dict"), char_dict=paths.get("char_dict"),
                              min_chars=min_chars, strict=strict, workers=1, progress=False)
