@@ -2,7 +2,8 @@
 explicit validation files -> clean validation documents (``val_documents.jsonl``).
 
     readers.py    file -> Record | Rejected       (JSON array, JSONL, .txt, save_to_disk Arrow; streamed)
-    wiki.py       Namu/MediaWiki markup -> text   (Korean records; .txt only normalised, text.py)
+    textformat.py which cleaner a Korean record gets: namu, wiki or plain (PATH:FORMAT, else detected)
+    wiki.py       Namu/MediaWiki markup -> text   (Namu and wiki records; plain and .txt only normalised)
     medical.py    MCQ / dictionary / symbol -> sentence, with particles.py choosing 은/는, 이/가, 을/를
     text.py       normalisation and filters       (min chars, Hangul ratio; the drop reasons)
     validation.py validation files -> val_documents.jsonl (cleaned as Korean records, no filters)
