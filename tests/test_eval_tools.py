@@ -133,3 +133,46 @@ def test_eval_ppl_cli_on_built_shards(saved, tmp_path):
     assert abs(result["ppl"] - 2.718281828 ** result["loss"]) < 1e-6 * result["ppl"]
     assert set(result["by_source"]) <= {"korean", "mcq"} and result["by_source"]
     assert sum(s["tokens"] for s in result["by_source"].values()) == result["tokens"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data, pretrained_tiny) -> dict[bool, Path]:
+    """document_mask -> the output directory of a 1-step run from the pretrained tiny Gemma 3."""
+    from korcpt.config import load_config
+    from korcpt.train.loop import train
+    from tinyrun import run_config
+
+    tok, shards = tiny_data
+    tmp = tmp_path_factory.mktemp("ppl_runs")
+    outs = {}
+    for mask in (False, True):
+        out = tmp / f"mask_{mask}"
+        cfg = run_config(tmp / f"mask_{mask}.yaml", tok, shards, out, data={"document_mask": mask},
+                         model={"name": str(pretrained_tiny), "random_init": False},
+                         train={"max_steps": 1, "lr": 0.05}, eval={"max_val_sequences": 8, "batch_size": 4})
+        train(load_config(cfg))
+        outs[mask] = out
+    return outs
+
+
+def eval_ppl_loss(tmp_path: Path, run: Path, shards: Path, base: Path, *flags) -> float:
+    out = tmp_path / f"ppl{len(list(tmp_path.iterdir()))}.json"
+    proc = run_tool("eval_ppl.py", "--model", base, "--adapter", run, "--shards", shards, "--max-val-sequences", 8,
+                    "--batch-size", 4, "--out", out, *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["loss"]
+
+
+def test_eval_ppl_masks_documents_as_the_trainer_did(runs, tiny_data, pretrained_tiny, tmp_path):
+    # Before, eval_ppl passed the reader's restarting position_ids whatever the setting, so transformers
+    # masked per document by itself: a run trained without document masking was scored with it.
+    shards = tiny_data[1]
+    trainer = {mask: json.loads((out / "training_info.json").read_text())["val_loss_final"]
+               for mask, out in runs.items()}
+    off = eval_ppl_loss(tmp_path, runs[False], shards, pretrained_tiny)  # the run's config.yaml: off
+    on = eval_ppl_loss(tmp_path, runs[True], shards, pretrained_tiny)  # the run's config.yaml: on
+    assert off == pytest.approx(trainer[False], rel=1e-5)
+    assert on == pytest.approx(trainer[True], rel=1e-5)
+    # the flag overrides the run's setting, and the setting matters on these packed shards
+    forced = eval_ppl_loss(tmp_path, runs[False], shards, pretrained_tiny, "--document-mask")
+    assert abs(forced - off) > 1e-3

@@ -6,6 +6,11 @@
 Token-weighted (sum of token NLL / target tokens), with a per-source breakdown (Korean text vs
 medical text) from the shards' index. --max-val-sequences N scores the first N validation sequences
 in stored order, the same ones the trainer scores with eval.max_val_sequences.
+
+The forward gets what the trainer's gets (korcpt.model.loss.model_batch): with document masking,
+positions restart and attention stops at every document boundary of a packed sequence; without it,
+neither. The setting is --document-mask/--no-document-mask, else data.document_mask of the run's
+config.yaml beside --adapter, else the trainer's default (off).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from korcpt.cli import add_model_arguments, emit_report, run_tool
-from korcpt.errors import DataError
+from korcpt.errors import ConfigError, DataError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,28 +30,61 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shards", type=Path, required=True, help="shard directory written by tools/build_shards.py")
     ap.add_argument("--max-val-sequences", type=int, default=0, help="first N validation sequences only (0: all)")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    ap.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
+                    help="mask attention per document as the trainer's data.document_mask does (default: the "
+                         "run's config.yaml beside --adapter, else off)")
     ap.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of every shard (sizes still checked)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     return ap.parse_args(argv)
 
 
-def val_batches(shards, max_sequences: int, batch_size: int):
-    """Batches of the first ``max_sequences`` val sequences in stored order, each with per-token sources."""
+def document_mask_setting(flag: bool | None, adapter: Path | None) -> bool:
+    """--document-mask if given, else the run's data.document_mask (ADAPTER/config.yaml), else the default."""
+    from korcpt.config import DataConfig
+
+    if flag is not None:
+        return flag
+    run_config = adapter / "config.yaml" if adapter is not None else None
+    if run_config is None or not run_config.is_file():
+        return DataConfig().document_mask
+    import yaml
+
+    value = ((yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("data") or {}).get(
+        "document_mask", DataConfig().document_mask)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{run_config}: data.document_mask must be true or false, found {value!r}")
+    return value
+
+
+def val_batches(model, shards, max_sequences: int, batch_size: int, document_mask: bool):
+    """Batches of the first ``max_sequences`` val sequences in stored order, as the trainer's validation
+    forward takes them (:func:`korcpt.model.loss.model_batch`), each with per-token sources."""
     import torch
 
+    from korcpt.eval.perplexity import model_device
+    from korcpt.model.loss import model_batch
     from korcpt.shards.reader import SequenceStream
 
+    device = model_device(model)
     stream = SequenceStream(shards, seed=0, shuffle=False, limit=max_sequences)
     batch: list[dict] = []
-    for sample in stream:
+
+    def collate() -> dict:
+        stacked = {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
         # source_ids covers the seq_len + 1 window; labels are window[1:], so their sources are [1:] too.
-        sample["token_source"] = torch.from_numpy(shards.source_ids(int(sample["sample_id"]))[1:].astype("int64"))
+        sources = torch.stack([torch.from_numpy(shards.source_ids(int(i))[1:].astype("int64"))
+                               for i in stacked["sample_id"]])
+        # Not the reader's position_ids as such: they restart per document, and transformers would
+        # then mask per document by itself, which the trainer does only with data.document_mask.
+        return {**model_batch(model, stacked, document_mask, device), "token_source": sources.to(device)}
+
+    for sample in stream:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+            yield collate()
             batch = []
     if batch:
-        yield {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
+        yield collate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                          verify=not args.no_verify)
     if shards.num_sequences == 0:
         raise DataError(f"{args.shards}: the val split has no sequences (build the shards with --val-fraction > 0)")
-    result = evaluate_perplexity(model, val_batches(shards, args.max_val_sequences, args.batch_size),
-                                 source_names=shards.sources or None)
-    result.update(model=args.model, adapter=str(args.adapter) if args.adapter else None, shards=str(args.shards))
+    document_mask = document_mask_setting(args.document_mask, args.adapter)
+    result = evaluate_perplexity(model, val_batches(model, shards, args.max_val_sequences, args.batch_size,
+                                                    document_mask), source_names=shards.sources or None)
+    result.update(model=args.model, adapter=str(args.adapter) if args.adapter else None, shards=str(args.shards),
+                  document_mask=document_mask)
     emit_report(result, args.out, f"val loss {result['loss']:.4f}, ppl {result['ppl']:.3f} on {result['tokens']} "
                 f"tokens ({result['sequences']} sequences)")
     return 0
