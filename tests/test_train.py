@@ -227,6 +227,10 @@ def test_mcq_and_per_source_evaluation_during_training(tmp_path, tiny_data):
 HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim"}
 
 
+# korcpt's own files: a path test on "/korcpt/" would also take in a venv inside a checkout named korcpt
+KORCPT_PACKAGE = str(Path(__import__("korcpt").__file__).resolve().parent) + os.sep
+
+
 class KorcptHostSyncs(TorchDispatchMode):
     """Counts the host-synchronising ops called from korcpt's own code (innermost non-torch frame)."""
 
@@ -239,7 +243,7 @@ class KorcptHostSyncs(TorchDispatchMode):
         if func.overloadpacket.__name__ in HOST_SYNC_OPS:
             frames = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename]
             caller = frames[-1] if frames else None
-            if caller is not None and f"{os.sep}korcpt{os.sep}" in caller.filename:
+            if caller is not None and caller.filename.startswith(KORCPT_PACKAGE):
                 self.where[f"{Path(caller.filename).name}:{caller.lineno}"] += 1
             else:
                 self.upstream += 1
