@@ -157,7 +157,7 @@ def hf_worker(cfg) -> dict:
             self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
     clock = Clock()
-    n = min(shards.num_sequences, t.max_samples or shards.num_sequences)
+    n = shards.sequences_for_documents(t.max_samples) if t.max_samples else shards.num_sequences  # as korcpt plans
     warmup = t.warmup_steps or int(t.warmup_ratio * t.max_steps)
     args = TrainingArguments(
         output_dir=str(Path(cfg.output.dir) / "hf"), per_device_train_batch_size=t.micro_batch_size,

@@ -87,7 +87,8 @@ class TrainConfig:
     max_steps: int = 0
     # Passes over the training shards (used when max_steps is 0).
     epochs: int = 1
-    # Cap on the packed training sequences used per epoch, taken in the shuffled order (0: all).
+    # The spec's samples: train on the first N documents of the shuffled corpus (the packed sequences
+    # that hold them), the same ones every epoch (0: all).
     max_samples: int = 0
     # Linear warmup steps (0: warmup_ratio of the total steps).
     warmup_steps: int = 0

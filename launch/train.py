@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override one config value, e.g. --set train.lr=1e-4 (repeatable; applied last)")
     ap.add_argument("--model", help="shorthand for --set model.name=... (preset, directory, hub id or .gguf)")
     ap.add_argument("--tokenizer-path", help="shorthand for --set model.tokenizer=... (e.g. an extended tokenizer)")
-    ap.add_argument("--max-samples", type=int, help="shorthand for --set train.max_samples=... (training sequences)")
+    ap.add_argument("--max-samples", type=int, help="shorthand for --set train.max_samples=... (documents: the first N of the shuffled corpus)")
     ap.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=...")
     ap.add_argument("--device", help="shorthand for --set model.device=... (cpu, cuda, cuda:0)")
     ap.add_argument("--resume", default="", metavar="auto|PATH",

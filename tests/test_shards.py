@@ -369,14 +369,40 @@ def test_resume_mid_epoch_gives_exactly_the_next_sequences(built, before, after)
 
 
 def test_limit_and_epochs(built):
+    """A limit keeps the same leading sequences every epoch, each epoch in its own order."""
     directory, _, _ = built
     shards = open_shards(directory, "train", verify=False)
     stream = SequenceStream(shards, seed=1, limit=10)
-    assert [d["sample_id"].item() for d in stream] == epoch_order(1, 0, shards.num_sequences)[:10].tolist()
+    first = [d["sample_id"].item() for d in stream]
+    assert first == epoch_order(1, 0, 10).tolist() and sorted(first) == list(range(10))
     stream.set_epoch(1)
+    second = [d["sample_id"].item() for d in stream]
     assert len(stream) == 10 and stream.state_dict()["epoch"] == 1
+    assert sorted(second) == list(range(10)) and second != first
     unshuffled = SequenceStream(shards, seed=1, shuffle=False, world_size=2, rank=1)
     assert [d["sample_id"].item() for d in unshuffled][:3] == [1, 3, 5]
+
+
+def test_sequences_for_documents(built):
+    """The worked example of ShardSet.sequences_for_documents, then the real shards' bounds."""
+    import numpy as np
+
+    from korcpt.shards.reader import ShardSet
+
+    example = ShardSet.__new__(ShardSet)  # one shard of 3 windows (seq_len 4), documents start at 0, 3, 9
+    example.seq_len, example.entries, example._first = 4, [{"sequences": 3}], np.array([0, 3])
+    example.num_sequences, example._indexes = 3, {0: np.array([[0, 0, 0, 1], [3, 1, 0, 1], [9, 2, 0, 1]])}
+    assert [example.sequences_for_documents(n) for n in (1, 2, 3, 9)] == [1, 3, 3, 3]
+    assert example.num_documents == 3
+    directory, _, _ = built
+    shards = open_shards(directory, "train", verify=False)
+    counts = [shards.sequences_for_documents(n) for n in range(1, shards.num_documents + 1)]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == shards.num_sequences
+    # the windows counted hold the first n document starts, less those in the shards' dropped tails,
+    # plus at most the (n + 1)-th one (inside the last window)
+    n = shards.num_documents // 2
+    starts = sum(int((shards.document_starts(i) < shards.seq_len).sum()) for i in range(counts[n - 1]))
+    assert n - len(shards.entries) <= starts <= n + 1
 
 
 def test_load_state_dict_rejects_a_state_from_another_run(built):

@@ -84,6 +84,22 @@ def test_accumulation_is_token_weighted(tmp_path, tiny_data, micro, accum):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
 
 
+def test_max_samples_counts_documents_and_every_epoch_repeats_them(tmp_path, tiny_data):
+    """--max-samples 20 trains the sequences that hold the first 20 documents, the same ones each epoch."""
+    from korcpt.shards.reader import open_shards
+
+    train_set = open_shards(tiny_data[1], "train", verify=False)
+    sequences = train_set.sequences_for_documents(20)
+    info, out = run(tmp_path, tiny_data, "docs", train={"max_steps": 0, "max_samples": 20, "epochs": 2},
+                    eval={"steps": 0})
+    assert info["plan"] == {"documents": 20, "documents_available": train_set.num_documents,
+                            "sequences_per_epoch": sequences, "tokens_per_epoch": sequences * 64, "epochs": 2,
+                            "steps": -(-sequences // 2) * 2 // 2, "steps_per_epoch": -(-sequences // 2) // 2,
+                            "global_batch": 4, "evaluations": 2}
+    ids = Counter(i for line in (out / "samples/rank000.jsonl").read_text().splitlines() for i in json.loads(line)["ids"])
+    assert sorted(ids) == list(range(sequences)) and set(ids.values()) == {2}
+
+
 def test_the_best_adapter_is_kept_outside_rotation_and_saved(tmp_path, tiny_data):
     """lr 5 makes every step worse than the untrained model: the saved adapter is the baseline's
     (step 0), kept in checkpoints/best while step checkpoints rotate, and *_final are its figures."""

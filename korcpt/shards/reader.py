@@ -196,6 +196,31 @@ class ShardSet:
         """Global sequence ``i`` as a training item (see :func:`make_sample`)."""
         return make_sample(self.window(i), self.document_starts(i), i)
 
+    def _starts(self, k: int) -> np.ndarray:
+        index = self._index(k)
+        return index[index[:, IDX_IS_START] == 1, IDX_OFFSET]
+
+    @property
+    def num_documents(self) -> int:
+        """Documents that begin in this split (its shards hold them in corpus order)."""
+        return sum(int(self._starts(k).size) for k in range(len(self.entries)))
+
+    def sequences_for_documents(self, n: int) -> int:
+        """How many leading sequences hold the first ``n`` documents: the windows that start before the
+        ``n + 1``-th document does (all of them when the split has ``n`` documents or fewer).
+
+        Worked example, seq_len 4, one shard, documents starting at tokens 0, 3 and 9: ``n = 2`` ends at
+        token 9, windows start at 0, 4 and 8 (< 9), so 3 sequences; ``n = 1`` ends at 3: 1 sequence.
+        """
+        seen = 0
+        for k in range(len(self.entries)):
+            starts = self._starts(k)
+            if seen + starts.size > n:  # the (n + 1)-th document starts in shard k
+                end = int(starts[n - seen])
+                return int(self._first[k]) + min(-(-end // self.seq_len), self.entries[k]["sequences"])
+            seen += starts.size
+        return self.num_sequences
+
 
 def open_shards(
     directory: str | Path,
@@ -249,7 +274,8 @@ class SequenceStream(IterableDataset):
         rank: this process's rank in ``[0, world_size)``.
         world_size: number of ranks reading the same epoch.
         shuffle: permute the sequences (``False``: sequence order).
-        limit: use only the first ``limit`` positions of each epoch's order (0: all).
+        limit: use only sequences ``0 .. limit - 1``, in a new order each epoch (0: all); with shards
+            in corpus order that is the first documents (:meth:`ShardSet.sequences_for_documents`).
         batch_size: the DataLoader's batch size; DataLoader workers take whole batches in turn, so that
             the loader returns this rank's order exactly (only matters with ``num_workers > 0``).
 
@@ -338,7 +364,7 @@ class SequenceStream(IterableDataset):
         if info is not None and info.num_workers > 1:
             batch = np.arange(positions.size) // self.batch_size
             positions = positions[batch % info.num_workers == info.id]
-        n = self.shards.num_sequences
+        n = self.epoch_length  # with a limit, every epoch permutes the same leading sequences
         for lo in range(0, positions.size, 4096):  # map positions to sequences a block at a time
             block = positions[lo: lo + 4096]
             ids = permute(block, self.seed, self.epoch, n) if self.shuffle else block

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
@@ -34,7 +34,7 @@ from korcpt.model.lora import apply_lora, count_parameters, embedding_parameters
 from korcpt.model.loss import FinalHidden, attach_head_loss, model_batch, nll_sum
 from korcpt.shards.reader import IGNORE_INDEX, SequenceStream
 from korcpt.train.checkpoint import Checkpointer, TrainerState, data_order
-from korcpt.train.evaluation import EarlyStopper, Evaluator
+from korcpt.train.evaluation import EarlyStopper, Evaluator, evaluation_every
 from korcpt.train.metrics import RunRecord, model_flops_per_token
 from korcpt.train.outputs import save_outputs, training_info
 
@@ -270,10 +270,11 @@ def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int, epochs: int
 # ---------------------------------------------------------------- data
 
 
-def build_stream(cfg: RunConfig, train_set, accelerator) -> SequenceStream:
-    """This rank's shuffled stream of the training sequences (the first ``train.max_samples`` of each epoch)."""
+def build_stream(cfg: RunConfig, train_set, accelerator, sequences: int) -> SequenceStream:
+    """This rank's shuffled stream of the first ``sequences`` training sequences (the plan's)."""
     return SequenceStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes, shuffle=True, limit=cfg.train.max_samples,
+                          world_size=accelerator.num_processes, shuffle=True,
+                          limit=0 if sequences == train_set.num_sequences else sequences,
                           batch_size=cfg.train.micro_batch_size)
 
 
@@ -411,17 +412,16 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     model, tokenizer, new_ids = build_model(cfg, accelerator)
     train_set, val_set = open_data(cfg, tokenizer)
     model, counts = build_peft_model(model, cfg, new_ids)
-    stream = build_stream(cfg, train_set, accelerator)
-    total_steps = plan_run(cfg, stream.epoch_length, accelerator.num_processes)
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    plan = plan_run(cfg, train_set, accelerator.num_processes)
+    stream = build_stream(cfg, train_set, accelerator, plan.sequences_per_epoch)
+    optimizer, scheduler = build_optimizer(model, cfg, plan.steps)
     engine = build_engine(accelerator, model, optimizer, scheduler, cfg)
     checkpointer = Checkpointer(accelerator, cfg, stream, data_order(cfg, train_set, accelerator.num_processes))
     resumed = checkpointer.restore(resume)
     state = resumed or TrainerState()
-    record = RunRecord(cfg, accelerator, total_steps, state.step,
+    record = RunRecord(cfg, accelerator, plan.steps, state.step,
                        model_flops_per_token(engine.model, counts[0], train_set.seq_len))
-    evaluator = Evaluator(engine.model, tokenizer, val_set, cfg, accelerator, total_steps,
-                          plan_steps(cfg, stream.epoch_length, accelerator.num_processes, epochs=1))
+    evaluator = Evaluator(engine.model, tokenizer, val_set, cfg, accelerator, plan.steps, plan.steps_per_epoch)
     stopper = EarlyStopper(cfg.eval, state)
     if resumed is None:  # a target already met at the baseline stops the run before it trains
         state.baseline = evaluator.run()
@@ -429,13 +429,13 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
         state.stop_reason = stopper.update(0, state.baseline)
         checkpointer.maybe_keep_best(engine.model, state, 0, state.baseline)
     batches = iter(MicroBatches(stream, cfg.train.micro_batch_size, cfg.data.num_workers))
-    while state.stop_reason is None and state.step < total_steps:
+    while state.stop_reason is None and state.step < plan.steps:
         result = train_step(engine, batches, cfg)
         state.count(result, cfg.train.max_bad_steps)
         if not result.finite:
             continue
         record.train_step(state, result, engine.scheduler.get_last_lr()[0])
-        last = state.step >= total_steps
+        last = state.step >= plan.steps
         if evaluator.should_run(state.step):
             evaluated = evaluator.run(state.step)
             record.evaluation(state.step, evaluated)
@@ -449,20 +449,51 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     record.evaluation(state.step, final, kind="final")
     stopper.update(state.step, final)
     best = checkpointer.best_record(state)  # None: the last step's weights are the ones to save
-    info = training_info(cfg, state, final, best, record, counts, len(new_ids), workarounds)
+    info = {**training_info(cfg, state, final, best, record, counts, len(new_ids), workarounds), "plan": asdict(plan)}
     record.close()
     save_outputs(accelerator, engine.model, tokenizer, cfg, info, checkpointer.best_dir if best else None)
     accelerator.end_training()
     return info
 
 
-def plan_run(cfg: RunConfig, sequences_per_epoch: int, world: int) -> int:
-    """The run's optimizer steps (:func:`plan_steps`); one line if not a single step fits."""
-    total_steps = plan_steps(cfg, sequences_per_epoch, world)
+@dataclass
+class RunPlan:
+    """What the run will train, printed at its start and kept in ``training_info.json``."""
+
+    documents: int  # training documents of each epoch: the first train.max_samples, or all
+    documents_available: int
+    sequences_per_epoch: int  # the packed sequences that hold them
+    tokens_per_epoch: int  # target tokens of those sequences
+    epochs: int
+    steps: int  # optimizer steps of the run (train.max_steps, or whole steps over the epochs)
+    steps_per_epoch: int
+    global_batch: int  # sequences per optimizer step, all ranks
+    evaluations: int  # validation evaluations, the baseline and the final one included
+
+    def describe(self) -> str:
+        return (f"plan: {self.documents:,} documents (of {self.documents_available:,}) in "
+                f"{self.sequences_per_epoch:,} sequences = {self.tokens_per_epoch:,} tokens per epoch x "
+                f"{self.epochs} epoch(s); {self.steps:,} optimizer steps of {self.global_batch} sequences "
+                f"({self.steps_per_epoch:,} per epoch); {self.evaluations} validation evaluations")
+
+
+def plan_run(cfg: RunConfig, train_set, world: int) -> RunPlan:
+    """The run's plan: ``train.max_samples`` counts documents (the first N of the shuffled corpus, the
+    same ones every epoch) and the sequences that hold them; one line if not a single step fits."""
+    available = train_set.num_documents
+    documents = min(cfg.train.max_samples, available) if cfg.train.max_samples else available
+    sequences = train_set.sequences_for_documents(documents) if cfg.train.max_samples else train_set.num_sequences
+    total_steps = plan_steps(cfg, sequences, world)
     if total_steps < 1:
         raise TrainingError(
-            f"no optimizer step fits: {sequences_per_epoch} training sequences over {world} process(es) "
+            f"no optimizer step fits: {sequences} training sequences over {world} process(es) "
             f"with micro_batch_size {cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum}; "
             "lower train.grad_accum or set train.max_steps"
         )
-    return total_steps
+    per_epoch = plan_steps(cfg, sequences, world, epochs=1)
+    val_every, _ = evaluation_every(cfg.eval, per_epoch)
+    periodic = (total_steps - 1) // val_every if val_every else 0
+    plan = RunPlan(documents, available, sequences, sequences * train_set.seq_len, cfg.train.epochs, total_steps,
+                   per_epoch, cfg.train.micro_batch_size * cfg.train.grad_accum * world, periodic + 2)
+    log.info("%s", plan.describe())
+    return plan
