@@ -202,7 +202,8 @@ class ShardSet:
 
     @property
     def num_documents(self) -> int:
-        """Documents that begin in this split (its shards hold them in corpus order)."""
+        """Documents that begin in a sequence of this split (its shards hold them in corpus order); one
+        beginning in a shard's dropped tail, which no sequence holds, is not counted."""
         return sum(int(self._starts(k).size) for k in range(len(self.entries)))
 
     def sequences_for_documents(self, n: int) -> int:

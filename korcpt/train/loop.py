@@ -461,7 +461,7 @@ class RunPlan:
     """What the run will train, printed at its start and kept in ``training_info.json``."""
 
     documents: int  # training documents of each epoch: the first train.max_samples, or all
-    documents_available: int
+    documents_available: int  # documents that begin in a sequence (not in a shard's dropped tail)
     sequences_per_epoch: int  # the packed sequences that hold them
     tokens_per_epoch: int  # target tokens of those sequences
     epochs: int
