@@ -176,3 +176,49 @@ def test_eval_ppl_masks_documents_as_the_trainer_did(runs, tiny_data, pretrained
     # the flag overrides the run's setting, and the setting matters on these packed shards
     forced = eval_ppl_loss(tmp_path, runs[False], shards, pretrained_tiny, "--document-mask")
     assert abs(forced - off) > 1e-3
+
+
+# Held-out style sentences written for this test (not from any corpus).
+BPC_DOCS = ["환자는 사흘 전부터 기침과 미열이 있었고, 어제부터 숨이 차다고 호소하였다.",
+            "혈압은 142/88 mmHg였으며 청진에서 양측 하엽에 수포음이 들렸다.",
+            "흉부 X선 검사를 시행하였고 항생제 치료를 시작하기로 하였다. 경과는 좋았다."]
+
+
+def test_eval_ppl_text_mode_is_bits_per_character_as_plain_transformers_computes_it(pretrained_tiny, tmp_path):
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    jsonl = tmp_path / "held_out.jsonl"
+    jsonl.write_text("\n".join([json.dumps({"text": t}, ensure_ascii=False) for t in BPC_DOCS]
+                               + ['{"text": ""}', "not json"]) + "\n", encoding="utf-8")
+    txt = tmp_path / "held_out.txt"
+    txt.write_text("\n\n".join(BPC_DOCS) + "\n", encoding="utf-8")
+    reports = []
+    for source in (jsonl, txt):
+        proc = run_tool("eval_ppl.py", "--model", pretrained_tiny, "--text", source, "--out", tmp_path / "r.json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        reports.append(json.loads((tmp_path / "r.json").read_text()))
+    assert reports[0]["skipped"] == 2 and reports[1]["skipped"] == 0
+    # the reference: each document alone from <bos>, every later token a target, no <eos>
+    tok = AutoTokenizer.from_pretrained(pretrained_tiny)
+    model = AutoModelForCausalLM.from_pretrained(pretrained_tiny, torch_dtype=torch.float32).eval()
+    nll, tokens = 0.0, 0
+    for text in BPC_DOCS:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:]), reduction="sum").item()
+        tokens += len(ids) - 1
+    chars = sum(len(t) for t in BPC_DOCS)
+    for report in reports:
+        assert (report["tokens"], report["chars"], report["documents"]) == (tokens, chars, 3)
+        assert report["bpc"] == pytest.approx(nll / math.log(2) / chars, rel=5e-3)  # the 0.5%
+        assert report["bpc"] == pytest.approx(nll / math.log(2) / chars, rel=1e-5)  # measured: padding only
+        assert report["ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+        syllables = sum("가" <= c <= "힣" for t in BPC_DOCS for c in t)
+        assert report["bits_per_syllable"] == pytest.approx(nll / math.log(2) / syllables, rel=1e-5)
+    bad = run_tool("eval_ppl.py", "--model", pretrained_tiny, "--text", tmp_path / "held_out.csv")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'held_out.csv'}: expected a .txt (a document a line) or .jsonl ({{\"text\"}} a line) file")

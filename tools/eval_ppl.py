@@ -1,8 +1,17 @@
-"""Validation loss and perplexity of a base model or a trained adapter on the val split of shards.
+"""Validation loss and perplexity of a base model or a trained adapter on the val split of shards,
+or bits per character on plain text (the measure that compares two tokenizers).
 
     python tools/eval_ppl.py --model gemma3-270m --shards data/shards/full --out base_ppl.json
     python tools/eval_ppl.py --model gemma3-270m --adapter outputs/run --shards data/shards/full
+    python tools/eval_ppl.py --model gemma3-270m [--adapter DIR] [--tokenizer DIR] --text FILE --out REPORT.json
 
+--text FILE: a .txt (a document a non-empty line) or .jsonl ({"text"} a line). Each document is scored
+alone from <bos>, its targets every token after it (no <eos>), its characters len(text); REPORT.json
+holds bpc, bits_per_syllable, tokens, chars, ppl (per token) and tokens_per_100_chars. Per-token
+perplexity of an extended tokenizer is not comparable with the base's (fewer, longer tokens raise it
+for the same text); bits per character are.
+
+With --shards:
 Token-weighted (sum of token NLL / target tokens), with a per-source breakdown (Korean text vs
 medical text) from the shards' index. --max-val-sequences N scores the first N validation sequences
 in stored order, the same ones the trainer scores with eval.max_val_sequences.
@@ -27,7 +36,9 @@ from korcpt.errors import ConfigError, DataError
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(ap)
-    ap.add_argument("--shards", type=Path, required=True, help="shard directory written by tools/build_shards.py")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", type=Path, help="shard directory written by tools/build_shards.py")
+    source.add_argument("--text", type=Path, help="plain documents: .txt (a line each) or .jsonl ({\"text\"})")
     ap.add_argument("--max-val-sequences", type=int, default=0, help="first N validation sequences only (0: all)")
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     ap.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
@@ -94,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from korcpt.shards import tokenizer_fingerprint
     from korcpt.shards.reader import open_shards
 
+    if args.text is not None:
+        return score_text_file(args)
     model, tokenizer = load_from_arguments(args)
     shards = open_shards(args.shards, "val", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                          verify=not args.no_verify)
@@ -106,6 +119,22 @@ def main(argv: list[str] | None = None) -> int:
                   document_mask=document_mask)
     emit_report(result, args.out, f"val loss {result['loss']:.4f}, ppl {result['ppl']:.3f} on {result['tokens']} "
                 f"tokens ({result['sequences']} sequences)")
+    return 0
+
+
+def score_text_file(args: argparse.Namespace) -> int:
+    from korcpt.eval.loading import load_from_arguments
+    from korcpt.eval.perplexity import read_documents, score_text
+
+    texts, skipped = read_documents(args.text)  # bad input fails before the model loads
+    if not texts:
+        raise DataError(f"{args.text}: no document to score ({len(skipped)} line(s) skipped)")
+    model, tokenizer = load_from_arguments(args)
+    result = score_text(model, tokenizer, texts, batch_size=args.batch_size)
+    result.update(model=args.model, adapter=str(args.adapter) if args.adapter else None, text=str(args.text),
+                  tokenizer_size=len(tokenizer), skipped=len(skipped), skipped_lines=skipped[:20])
+    emit_report(result, args.out, f"{result['bpc']:.4f} bits per character, {result['tokens_per_100_chars']:.1f} "
+                f"tokens per 100 characters on {result['documents']} documents ({len(skipped)} skipped)")
     return 0
 
 

@@ -11,7 +11,9 @@ sums are carried instead and divided once, after the cross-rank reduction.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -114,3 +116,98 @@ def evaluate_perplexity(
     if result["tokens"] == 0:
         log.warning("validation set has no target token: loss and perplexity are NaN")
     return result
+
+
+# ---------------------------------------------------------------- bits per character on text
+
+LN2 = math.log(2)
+
+
+def read_documents(path: Path) -> tuple[list[str], list[str]]:
+    """Documents of ``path``: a ``.txt`` holds one per non-empty line, a ``.jsonl`` one ``{"text": ...}``
+    per line. Returns ``(texts, skipped)``; a JSONL line that is not such an object is skipped with a
+    message naming its line."""
+    from korcpt.errors import DataError
+
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"{path}: expected a .txt (a document a line) or .jsonl ({{\"text\"}} a line) file")
+    texts, skipped = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            texts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            skipped.append(f"{path.name}:{number}: not JSON ({exc.msg})")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
+            skipped.append(f"{path.name}:{number}: expected an object with a non-empty \"text\"")
+            continue
+        texts.append(record["text"])
+    return texts, skipped
+
+
+def hangul_syllables(text: str) -> int:
+    """Precomposed Hangul syllables (U+AC00..U+D7A3) in ``text``."""
+    return sum("\uac00" <= ch <= "\ud7a3" for ch in text)
+
+
+def _document_ids(tokenizer, text: str) -> list[int]:
+    """``<bos>`` and the tokens of ``text``, without ``<eos>``: each document is scored from ``<bos>``."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if ids and eos is not None and ids[-1] == eos:
+        ids = ids[:-1]
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
+def score_text(model, tokenizer, texts: Sequence[str], *, batch_size: int = 4) -> dict:
+    """Bits per character (and per Hangul syllable) of a model/tokenizer pair on plain documents.
+
+    Each document is scored alone from ``<bos>``; its targets are every token after it (no ``<eos>``),
+    and its characters are ``len(text)``. Because characters, unlike tokens, do not depend on the
+    tokenizer, ``bpc`` compares a base tokenizer with an extended one on the same text:
+    ``bpc = sum of token NLL / ln 2 / characters``.
+
+    Returns:
+        ``bpc``, ``bits_per_syllable``, ``ppl`` (per token), ``nll_sum`` (nats), ``tokens`` (targets),
+        ``chars``, ``syllables``, ``documents`` and ``tokens_per_100_chars``.
+    """
+    from korcpt.model.loss import token_nll_per_position
+    from korcpt.shards.reader import IGNORE_INDEX
+
+    device = model_device(model)
+    encoded = [_document_ids(tokenizer, t) for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll_sum, tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                rows = encoded[start:start + batch_size]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for i, row in enumerate(rows):  # right padding: positions count from 0 as the model's default
+                    ids[i, :len(row)] = torch.tensor(row)
+                    labels[i, :len(row) - 1] = torch.tensor(row[1:])
+                    mask[i, :len(row)] = 1
+                batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+                nll, target = token_nll_per_position(model, batch)
+                nll_sum += float(nll.sum(dtype=torch.float64))
+                tokens += int(target.sum())
+    finally:
+        model.train(was_training)
+    chars = sum(len(t) for t in texts)
+    syllables = sum(hangul_syllables(t) for t in texts)
+    return {"bpc": nll_sum / LN2 / chars if chars else float("nan"),
+            "bits_per_syllable": nll_sum / LN2 / syllables if syllables else None,
+            "ppl": math.exp(nll_sum / tokens) if tokens else float("nan"), "nll_sum": nll_sum, "tokens": tokens,
+            "chars": chars, "syllables": syllables, "documents": len(texts),
+            "tokens_per_100_chars": 100.0 * tokens / chars if chars else float("nan")}
