@@ -4,6 +4,7 @@ accumulation, exact resume, gradient checkpointing that trains LoRA, text-only m
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import traceback
@@ -49,13 +50,26 @@ def test_loss_falls_and_the_output_layout_is_complete(tmp_path, tiny_data):
     assert saved["mcq_accuracy_final"] is None and saved["stop_reason"] == "max_steps"
     assert [h["step"] for h in saved["history"]] == [0, 6, 12]
     assert saved["val_ppl_final"] == pytest.approx(2.718281828 ** saved["val_loss_final"])
+    # bits per character: the validation NLL over the characters its targets cover (decoded text,
+    # no <bos>/<eos>), tokenizer-independent where per-token perplexity is not
+    from transformers import AutoTokenizer
+
+    from korcpt.shards.reader import IGNORE_INDEX, open_shards
+
+    tok, val = AutoTokenizer.from_pretrained(tiny_data[0]), open_shards(tiny_data[1], "val", verify=False)
+    chars = sum(len(tok.decode([t for t in val.sample(i)["labels"].tolist() if t != IGNORE_INDEX],
+                               skip_special_tokens=True)) for i in range(min(8, val.num_sequences)))
+    baseline = saved["history"][0]
+    assert saved["val_bpc_baseline"] == pytest.approx(baseline["val_loss"] * baseline["val_tokens"] / math.log(2) / chars)
+    assert saved["val_bpc_final"] < saved["val_bpc_baseline"]
+    assert saved["val_bpc_best"] == min(h["val_bpc"] for h in saved["history"])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen",
-                "val/loss", "val/ppl"):
+                "val/loss", "val/ppl", "val/bpc"):
         assert tag in tags, tag
     assert len(events.Scalars("train/loss")) == 12
     assert "config/text_summary" in events.Tags()["tensors"]

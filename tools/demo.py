@@ -2,6 +2,9 @@
 
     raw sample data -> raw_text_mixed.jsonl -> extended tokenizer -> uint32 shards -> LoRA CPT
     -> validation perplexity and KorMedMCQA-format accuracy before and after -> a summary table
+    -> bits per character on a held-out text written for korcpt and never trained on
+       (data/heldout/medical_ko.txt): the base model with its own tokenizer, the extended model
+       before training, and after. Per-token perplexity cannot compare the two tokenizers; this can.
 
 Sizes (sequence length, vocabulary extension, steps) are set for about 10 minutes on 2 CPU cores.
 """
@@ -17,6 +20,7 @@ import _bootstrap  # noqa: F401
 from korcpt.cli import run_tool
 
 SAMPLE = _bootstrap.ROOT / "data" / "sample"
+HELD_OUT = _bootstrap.ROOT / "data" / "heldout" / "medical_ko.txt"
 
 
 def parse_args(argv):
@@ -61,15 +65,27 @@ def main(argv=None) -> int:
     from korcpt.train.loop import train
 
     info = train(cfg)
-    print(summary(cfg, info, built, time.time() - start))
+    held_out = held_out_bpc(cfg)
+    print(summary(cfg, info, built, held_out, time.time() - start))
     return 0
+
+
+def held_out_bpc(cfg) -> dict[str, dict]:
+    """Bits per character on HELD_OUT: base model and tokenizer, extended before training, and trained."""
+    from korcpt.eval.loading import load_for_eval
+    from korcpt.eval.perplexity import read_documents, score_text
+
+    texts, _ = read_documents(HELD_OUT)
+    sides = {"base": {}, "extended, untrained": {"tokenizer": cfg.model.tokenizer},
+             "trained": {"adapter": cfg.output.dir}}
+    return {name: score_text(*load_for_eval(cfg.model.name, **kwargs), texts) for name, kwargs in sides.items()}
 
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def summary(cfg, info: dict, built: dict, seconds: float) -> str:
+def summary(cfg, info: dict, built: dict, held_out: dict[str, dict], seconds: float) -> str:
     out = Path(cfg.output.dir)
     dtype = built["manifest"]["dtype"]
     added = info.get("new_tokens", 0)
@@ -78,7 +94,11 @@ def summary(cfg, info: dict, built: dict, seconds: float) -> str:
         ("vocabulary", f"+{added} Korean medical tokens; shards {dtype}"),
         ("tokens trained", f"{info['tokens_seen']:,} in {info['steps']} optimizer steps"),
         ("training time", f"{info['train_seconds']:.0f} s ({info['tokens_per_sec']:.0f} tokens/s); whole demo {seconds:.0f} s"),
-        ("val perplexity", f"{_fmt(info['val_ppl_baseline'], '.2f')} -> {_fmt(info['val_ppl_final'], '.2f')}"),
+        ("val perplexity", f"{_fmt(info['val_ppl_baseline'], '.2f')} -> {_fmt(info['val_ppl_final'], '.2f')}"
+                           " (per token of the extended tokenizer: not comparable with the base's)"),
+        ("val bits/char", f"{_fmt(info['val_bpc_baseline'], '.3f')} -> {_fmt(info['val_bpc_final'], '.3f')}"),
+        ("held-out bits/char", "; ".join(f"{name} {r['bpc']:.3f} ({r['tokens_per_100_chars']:.1f} tok/100 chars)"
+                                         for name, r in held_out.items()) + f"  [{HELD_OUT.name}, never trained on]"),
         ("MCQ accuracy", f"{_fmt(info['mcq_accuracy_baseline'], '.1%')} -> {_fmt(info['mcq_accuracy_final'], '.1%')}"
                          f" (letter scoring, {cfg.eval.mcq_file}; chance 20%)"),
         ("adapter", str(out / "adapter_model.safetensors")),

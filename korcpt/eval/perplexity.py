@@ -26,6 +26,7 @@ log = get_logger(__name__)
 # Per-source sums live in a fixed number of slots so that every rank reduces a tensor of the same
 # shape even when a rank never saw some source.
 MAX_SOURCES = 32
+LN2 = math.log(2)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -60,7 +61,9 @@ def evaluate_perplexity(
         model: the causal LM; put in eval mode for the pass and restored to its previous mode.
         batches: this rank's batches (see :func:`korcpt.model.loss.token_nll`). A batch may carry ``token_source``,
             an integer tensor shaped like ``labels`` giving each target token's source id
-            (0 <= id < 32); then a per-source breakdown is added.
+            (0 <= id < 32); then a per-source breakdown is added. A batch may also carry
+            ``target_chars``, the characters each row's targets cover (:func:`target_chars`); then
+            ``bpc``, bits per character, is added.
         reduce: sums a float64 tensor over ranks (e.g. ``lambda t: accelerator.reduce(t, "sum")``);
             None in a single process. Every rank must call this function (it reduces once).
         source_names: names of the source ids for the breakdown (``str(id)`` when absent).
@@ -72,8 +75,9 @@ def evaluate_perplexity(
         ``token_source``. ``loss`` and ``ppl`` are NaN when there was no target token.
     """
     device = model_device(model)
-    # slots: [nll, tokens, sequences, any_source_flag, per-source nll x MAX_SOURCES, per-source tokens x MAX_SOURCES]
-    stats = torch.zeros(4 + 2 * MAX_SOURCES, dtype=torch.float64, device=device)
+    # slots: [nll, tokens, sequences, any_source_flag, per-source nll x MAX_SOURCES, per-source tokens x
+    # MAX_SOURCES, target characters]
+    stats = torch.zeros(5 + 2 * MAX_SOURCES, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     try:
@@ -86,6 +90,8 @@ def evaluate_perplexity(
                 stats[0] += nll.sum(dtype=torch.float64)
                 stats[1] += mask.sum()
                 stats[2] += mask.any(dim=-1).sum() if mask.dim() > 1 else mask.any()
+                if batch.get("target_chars") is not None:
+                    stats[-1] += batch["target_chars"].to(device).sum(dtype=torch.float64)
                 source = batch.get("token_source")
                 if source is not None:
                     source = source.to(device).long().view(-1)
@@ -96,13 +102,15 @@ def evaluate_perplexity(
                     flat_mask = mask.view(-1)
                     stats[4:4 + MAX_SOURCES] += torch.bincount(
                         source[flat_mask], weights=nll.view(-1)[flat_mask].double(), minlength=MAX_SOURCES)
-                    stats[4 + MAX_SOURCES:] += torch.bincount(source[flat_mask], minlength=MAX_SOURCES).double()
+                    stats[4 + MAX_SOURCES:-1] += torch.bincount(source[flat_mask], minlength=MAX_SOURCES).double()
     finally:
         model.train(was_training)
     if reduce is not None:
         stats = reduce(stats)
     stats = stats.cpu().tolist()
     result = _summary(stats[0], stats[1], stats[2])
+    if stats[-1] > 0:
+        result["bpc"] = stats[0] / LN2 / stats[-1]
     if stats[3] > 0:
         by_source = {}
         for sid in range(MAX_SOURCES):
@@ -119,8 +127,6 @@ def evaluate_perplexity(
 
 
 # ---------------------------------------------------------------- bits per character on text
-
-LN2 = math.log(2)
 
 
 def read_documents(path: Path) -> tuple[list[str], list[str]]:
@@ -149,6 +155,15 @@ def read_documents(path: Path) -> tuple[list[str], list[str]]:
             continue
         texts.append(record["text"])
     return texts, skipped
+
+
+def target_chars(tokenizer, labels: torch.Tensor) -> torch.Tensor:
+    """The characters each row of ``labels`` covers: its target tokens decoded without special tokens
+    (``<bos>``/``<eos>`` cover no text), as :func:`score_text` counts ``len(text)`` for a document."""
+    from korcpt.shards.reader import IGNORE_INDEX
+
+    rows = [[int(t) for t in row if t != IGNORE_INDEX] for row in labels.tolist()]
+    return torch.tensor([len(tokenizer.decode(r, skip_special_tokens=True)) for r in rows], dtype=torch.long)
 
 
 def hangul_syllables(text: str) -> int:

@@ -48,6 +48,7 @@ class Evaluator:
         self.accelerator, self.total_steps = accelerator, total_steps
         self.val_every, self.mcq_every = evaluation_every(cfg.eval, steps_per_epoch)
         self.mcq = load_mcq_for_run(cfg)
+        self._chars: dict[int, int] = {}  # validation sequence id -> characters its targets cover
 
     def _due(self, every: int, step: int) -> bool:
         return bool(every) and step % every == 0 and step < self.total_steps
@@ -80,16 +81,21 @@ class Evaluator:
         ppl = evaluate_perplexity(self.model, batches, reduce=lambda t: acc.reduce(t, "sum"),
                                   source_names=val_set.sources or None)
         result = {f"val_loss_{name}": part["loss"] for name, part in ppl.get("by_source", {}).items()}
-        result.update(val_loss=ppl["loss"], val_ppl=ppl["ppl"], val_tokens=ppl["tokens"])
+        result.update(val_loss=ppl["loss"], val_ppl=ppl["ppl"], val_bpc=ppl.get("bpc"), val_tokens=ppl["tokens"])
         return result
 
     def _val_batch(self, batch: dict) -> dict:
         """A validation batch with model inputs, labels and, for per-source losses, each target's source;
         only what the training forward gets (:func:`korcpt.model.loss.model_batch`)."""
-        sources = torch.stack([torch.from_numpy(self.val_set.source_ids(int(i))[1:].astype("int64"))
-                               for i in batch["sample_id"]])
+        from korcpt.eval.perplexity import target_chars
+
+        ids = [int(i) for i in batch["sample_id"]]
+        sources = torch.stack([torch.from_numpy(self.val_set.source_ids(i)[1:].astype("int64")) for i in ids])
+        if any(i not in self._chars for i in ids):  # decoded once per run: the sequences do not change
+            self._chars.update(zip(ids, target_chars(self.tokenizer, batch["labels"]).tolist()))
         device = self.accelerator.device
-        return {**model_batch(self.model, batch, self.cfg.data.document_mask, device), "token_source": sources.to(device)}
+        return {**model_batch(self.model, batch, self.cfg.data.document_mask, device), "token_source": sources.to(device),
+                "target_chars": torch.tensor([self._chars[i] for i in ids], device=device)}
 
     def _mcq(self) -> dict:
         from accelerate.utils import gather_object

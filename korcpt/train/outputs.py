@@ -149,6 +149,7 @@ def training_info(cfg: RunConfig, state, last: dict, best_record: dict | None, r
     base = state.baseline
     final = best_record["result"] if best_record else last
     best = state.best_val_loss
+    history = record.history()
     tokens_per_sec = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = tokens_per_sec / record.world
@@ -167,6 +168,9 @@ def training_info(cfg: RunConfig, state, last: dict, best_record: dict | None, r
         "val_ppl_baseline": base.get("val_ppl"),
         "val_ppl_final": final.get("val_ppl"),
         "val_ppl_best": math.exp(best) if best is not None else None,
+        "val_bpc_baseline": base.get("val_bpc"),
+        "val_bpc_final": final.get("val_bpc"),
+        "val_bpc_best": min((h["val_bpc"] for h in history if h.get("val_bpc") is not None), default=None),
         "mcq_accuracy_baseline": base.get("mcq_accuracy"),
         "mcq_accuracy_final": final.get("mcq_accuracy"),
         "adapter": cfg.output.adapter,
@@ -175,7 +179,7 @@ def training_info(cfg: RunConfig, state, last: dict, best_record: dict | None, r
         "val_loss_last": last.get("val_loss"),
         "val_ppl_last": last.get("val_ppl"),
         "mcq_accuracy_last": last.get("mcq_accuracy"),
-        "history": record.history(),
+        "history": history,
         "losses": record.losses(),
         "bad_steps": state.bad_steps_total,
         "stop_reason": state.stop_reason or ("max_steps" if cfg.train.max_steps else "epochs"),
