@@ -60,12 +60,15 @@ def _fired(kind: str, out: Path, since: int) -> bool:
     earlier killed run do not count."""
 
     def new(paths) -> bool:
-        for p in paths:
-            try:
-                if p.stat().st_mtime_ns >= since:
-                    return True
-            except FileNotFoundError:  # renamed meanwhile
-                pass
+        try:
+            for p in paths:
+                try:
+                    if p.stat().st_mtime_ns >= since:
+                        return True
+                except FileNotFoundError:  # renamed meanwhile
+                    pass
+        except FileNotFoundError:  # the directory being listed was removed meanwhile (a build starting afresh)
+            pass
         return False
 
     if kind == "first_shard":  # the first shard file renamed into place
