@@ -192,37 +192,32 @@ def score_text(model, tokenizer, texts: Sequence[str], *, batch_size: int = 4) -
         ``bpc``, ``bits_per_syllable``, ``ppl`` (per token), ``nll_sum`` (nats), ``tokens`` (targets),
         ``chars``, ``syllables``, ``documents`` and ``tokens_per_100_chars``.
     """
-    from korcpt.model.loss import token_nll_per_position
-    from korcpt.shards.reader import IGNORE_INDEX
-
-    device = model_device(model)
-    encoded = [_document_ids(tokenizer, t) for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll_sum, tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                rows = encoded[start:start + batch_size]
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for i, row in enumerate(rows):  # right padding: positions count from 0 as the model's default
-                    ids[i, :len(row)] = torch.tensor(row)
-                    labels[i, :len(row) - 1] = torch.tensor(row[1:])
-                    mask[i, :len(row)] = 1
-                batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-                nll, target = token_nll_per_position(model, batch)
-                nll_sum += float(nll.sum(dtype=torch.float64))
-                tokens += int(target.sum())
-    finally:
-        model.train(was_training)
+    result = evaluate_perplexity(model, _text_batches(tokenizer, texts, batch_size))  # the validation pass
+    nll_sum, tokens = result["loss"] * result["tokens"], result["tokens"]
     chars = sum(len(t) for t in texts)
     syllables = sum(hangul_syllables(t) for t in texts)
-    return {"bpc": nll_sum / LN2 / chars if chars else float("nan"),
+    return {"bpc": result.get("bpc", float("nan")),
             "bits_per_syllable": nll_sum / LN2 / syllables if syllables else None,
-            "ppl": math.exp(nll_sum / tokens) if tokens else float("nan"), "nll_sum": nll_sum, "tokens": tokens,
-            "chars": chars, "syllables": syllables, "documents": len(texts),
-            "tokens_per_100_chars": 100.0 * tokens / chars if chars else float("nan")}
+            "ppl": result["ppl"], "nll_sum": nll_sum, "tokens": tokens, "chars": chars, "syllables": syllables,
+            "documents": len(texts), "tokens_per_100_chars": 100.0 * tokens / chars if chars else float("nan")}
+
+
+def _text_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Iterable[dict]:
+    """Right-padded batches of whole documents (positions count from 0, the model's default), with
+    ``target_chars`` = ``len(text)`` so that :func:`evaluate_perplexity` adds bits per character."""
+    from korcpt.shards.reader import IGNORE_INDEX
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(texts), batch_size):
+        docs = texts[start:start + batch_size]
+        rows = [_document_ids(tokenizer, t) for t in docs]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+            labels[i, :len(row) - 1] = torch.tensor(row[1:])
+            mask[i, :len(row)] = 1
+        yield {"input_ids": ids, "attention_mask": mask, "labels": labels,
+               "target_chars": torch.tensor([len(t) for t in docs])}
