@@ -77,7 +77,7 @@ class TrainerState:
         self.tokens_seen += result.tokens
 
 
-def data_order(cfg: RunConfig, shards, world_size: int) -> dict:
+def data_order(cfg: RunConfig, shards, global_batch: int) -> dict:
     """What fixes the order of the training sequences: a resume must find the same values.
 
     ``shards_sha256`` hashes the train shards' checksums in the manifest, so rebuilt shards with the
@@ -86,7 +86,7 @@ def data_order(cfg: RunConfig, shards, world_size: int) -> dict:
     listing = json.dumps([[e["path"], e["sequences"], e["sha256"]] for e in shards.entries])
     return {"seed": cfg.train.seed, "num_sequences": shards.num_sequences, "seq_len": shards.seq_len,
             "shards_sha256": hashlib.sha256(listing.encode()).hexdigest(), "max_samples": cfg.train.max_samples,
-            "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size}
+            "global_batch": global_batch}
 
 
 def check_resumable(path: Path, payload: dict, expected_order: dict, world_size: int, deepspeed: bool) -> None:

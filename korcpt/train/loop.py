@@ -273,8 +273,7 @@ def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int, epochs: int
 def build_stream(cfg: RunConfig, train_set, accelerator, sequences: int) -> SequenceStream:
     """This rank's shuffled stream of the first ``sequences`` training sequences (the plan's)."""
     return SequenceStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes, shuffle=True,
-                          limit=0 if sequences == train_set.num_sequences else sequences,
+                          world_size=accelerator.num_processes, shuffle=True, limit=sequences,
                           batch_size=cfg.train.micro_batch_size)
 
 
@@ -416,7 +415,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     stream = build_stream(cfg, train_set, accelerator, plan.sequences_per_epoch)
     optimizer, scheduler = build_optimizer(model, cfg, plan.steps)
     engine = build_engine(accelerator, model, optimizer, scheduler, cfg)
-    checkpointer = Checkpointer(accelerator, cfg, stream, data_order(cfg, train_set, accelerator.num_processes))
+    checkpointer = Checkpointer(accelerator, cfg, stream, data_order(cfg, train_set, plan.global_batch))
     resumed = checkpointer.restore(resume)
     state = resumed or TrainerState()
     record = RunRecord(cfg, accelerator, plan.steps, state.step,
@@ -482,7 +481,7 @@ def plan_run(cfg: RunConfig, train_set, world: int) -> RunPlan:
     same ones every epoch) and the sequences that hold them; one line if not a single step fits."""
     available = train_set.num_documents
     documents = min(cfg.train.max_samples, available) if cfg.train.max_samples else available
-    sequences = train_set.sequences_for_documents(documents) if cfg.train.max_samples else train_set.num_sequences
+    sequences = train_set.sequences_for_documents(documents)
     total_steps = plan_steps(cfg, sequences, world)
     if total_steps < 1:
         raise TrainingError(
