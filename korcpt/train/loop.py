@@ -33,7 +33,7 @@ from korcpt.model.load import load_model_and_tokenizer, resolve_dtype
 from korcpt.model.lora import apply_lora, count_parameters, embedding_parameters, unwrap_base
 from korcpt.model.loss import FinalHidden, attach_head_loss, model_batch, nll_sum
 from korcpt.shards.reader import IGNORE_INDEX, SequenceStream
-from korcpt.train.checkpoint import Checkpointer, TrainerState, data_order
+from korcpt.train.checkpoint import Checkpointer, TrainerState, check_shared_output, data_order
 from korcpt.train.evaluation import EarlyStopper, Evaluator, evaluation_every
 from korcpt.train.metrics import RunRecord, model_flops_per_token
 from korcpt.train.outputs import save_outputs, training_info
@@ -407,6 +407,7 @@ def train(cfg: RunConfig, resume: str = "") -> dict:
     from accelerate.utils import set_seed
 
     accelerator, workarounds = build_accelerator(cfg)
+    check_shared_output(accelerator, cfg.output.dir)  # before anything is loaded: a multi-node run needs one output.dir
     set_seed(cfg.train.seed)
     model, tokenizer, new_ids = build_model(cfg, accelerator)
     train_set, val_set = open_data(cfg, tokenizer)
