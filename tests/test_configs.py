@@ -21,8 +21,8 @@ MODELS = sorted((CONFIGS / "models").glob("*.json"))
 def test_the_expected_configs_are_shipped():
     names = {p.name for p in RUN_CONFIGS}
     assert {"4b.yaml", "4b_zero2.yaml", "27b_zero3.yaml"} <= names
-    assert {p.stem for p in ACCELERATE} >= {"single_gpu", "multi_gpu_ddp", "zero2", "zero3", "cpu_ddp",
-                                            "cpu_zero2", "cpu_zero3"}
+    assert {p.stem for p in ACCELERATE} >= {"single_gpu", "multi_gpu_ddp", "zero2", "zero3", "zero3_2nodes",
+                                            "cpu_ddp", "cpu_zero2", "cpu_zero3"}
     assert {p.stem for p in DEEPSPEED} >= {"zero2", "zero3"}
     assert {p.stem for p in MODELS} >= {"medgemma-4b", "medgemma-27b"}
 
@@ -59,13 +59,31 @@ def test_accelerate_config(path):
     if data["distributed_type"] == "DEEPSPEED":
         ds_file = ROOT / data["deepspeed_config"]["deepspeed_config_file"]
         assert ds_file.is_file(), ds_file
-        # accelerate refuses DeepSpeed settings in both places when a config file is given
-        assert set(data["deepspeed_config"]) <= {"deepspeed_config_file", "zero3_init_flag"}
+        # accelerate refuses DeepSpeed settings in both places when a config file is given (the launcher
+        # of a multi-node run is not one of them)
+        assert set(data["deepspeed_config"]) <= {"deepspeed_config_file", "zero3_init_flag",
+                                                 "deepspeed_multinode_launcher"}
         ds = json.loads(ds_file.read_text())
         assert data["deepspeed_config"]["zero3_init_flag"] == (ds["zero_optimization"]["stage"] == 3)
         # precision follows the run's model.dtype (korcpt.train.loop.deepspeed_precision), not the file
         assert ds["bf16"]["enabled"] == "auto"
         assert "mixed_precision" not in data or data["mixed_precision"] == ("no" if data["use_cpu"] else "bf16")
+
+
+def test_the_two_node_accelerate_config_is_2_x_8_gpus_with_torchrun_on_each_node():
+    """As Accelerate reads it: num_processes counts every rank (Accelerate starts num_processes //
+    num_machines a node); the standard launcher is torchrun on each node (pdsh, the default, needs
+    ssh between nodes); the rendezvous host is the cluster's, given at launch (launch/slurm.sh)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(CONFIGS / "accelerate/zero3_2nodes.yaml"))
+    assert (cfg.num_machines, cfg.num_processes, cfg.num_processes // cfg.num_machines) == (2, 16, 8)
+    assert cfg.distributed_type == "DEEPSPEED" and cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+    assert cfg.deepspeed_config["deepspeed_config_file"] == "configs/deepspeed/zero3.json"
+    assert cfg.main_process_ip is None and cfg.main_process_port and not cfg.use_cpu
+    # the 27B config's global batch of 32 on 16 GPUs: grad_accum 1 (README, "Multi-node")
+    c27 = load_config(CONFIGS / "27b_zero3.yaml", check_files=False)
+    assert c27.train.micro_batch_size * 1 * cfg.num_processes == 32
 
 
 @pytest.mark.parametrize("path", DEEPSPEED, ids=lambda p: p.name)
