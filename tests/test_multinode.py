@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 from tinyrun import ROOT, run_config
 
-ZERO3_CPU = ROOT / "configs/accelerate/cpu_zero3.yaml"
+# The shipped 2 x 8 GPU file, with the overrides a CPU machine needs: 2 processes (1 a node), the CPU
+# DeepSpeed file, and this machine as the rendezvous host.
+TWO_NODES = ROOT / "configs/accelerate/zero3_2nodes.yaml"
 # What `accelerate launch` hands its ranks under DeepSpeed, for a rank started by plain torchrun
 # (korcpt.train.loop.build_accelerator reads ACCELERATE_USE_DEEPSPEED; Accelerate the rest).
 DEEPSPEED_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
@@ -38,12 +40,11 @@ def free_port() -> int:
 
 def node_command(node: int, port: int, cfg: Path, accelerate: bool) -> list[str]:
     """The launch command of ``node`` (of 2, one process each), as the README writes it."""
-    rendezvous = ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
     if accelerate:
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ZERO3_CPU),
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_NODES),
                     "--deepspeed_config_file", DEEPSPEED_ENV["ACCELERATE_DEEPSPEED_CONFIG_FILE"],
-                    "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(node),
-                    "--deepspeed_multinode_launcher", "standard", "--same_network", *rendezvous]
+                    "--num_processes", "2", "--machine_rank", str(node),
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                     "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port)]
@@ -112,6 +113,8 @@ def test_two_nodes_zero3_equal_one_process(tmp_path, tiny_data, pretrained_tiny)
     for key, value in ref_adapter.items():
         assert adapter[key].shape == value.shape and adapter[key].numel() > 0, key
         torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=5e-5, msg=key)
+    print(f"[multinode] adapter: {len(adapter)} tensors, max abs difference "
+          f"{max((adapter[k] - v).abs().max().item() for k, v in ref_adapter.items()):.1e}")
     assert sorted(ids(nodes_out)) == sorted(ids(one_out)) and len(set(ids(nodes_out))) == 6
 
     # every rank's part of each checkpoint is in it, renamed from .tmp- once all had written
@@ -140,3 +143,32 @@ def test_node_local_output_dirs_are_refused_in_one_line(tmp_path, tiny_data, pre
                     "mounts at the same path (every rank writes its part of each checkpoint there)")
         assert expected in log.splitlines(), log[-3000:]
         assert [p.name for p in (tmp_path / f"node{rank}" / "out").iterdir()] == []  # markers removed, nothing written
+
+
+def test_the_slurm_script_starts_one_accelerate_launcher_per_node(tmp_path):
+    """launch/slurm.sh under stand-ins for srun (one task per node, SLURM_NODEID 0 and 1), scontrol and
+    accelerate (which records its arguments): each node gets its machine rank, the first node as
+    rendezvous host, all 16 ranks counted, and the run config and options as given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "srun": 'while [[ $1 == --* ]]; do shift; done\n'
+                'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit; done',
+        "scontrol": 'test "$*" = "show hostnames gpu-[07-08]" && printf "gpu-07\\ngpu-08\\n"',
+        "accelerate": f'printf "%s\\n" "$@" > {tmp_path}/node$SLURM_NODEID.args',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_ID": "1234",
+           "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_SUBMIT_DIR": str(ROOT)}
+    proc = subprocess.run(["bash", str(ROOT / "launch/slurm.sh"), "configs/27b_zero3.yaml", "--set",
+                           "train.grad_accum=1", "--resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for node in (0, 1):
+        assert (tmp_path / f"node{node}.args").read_text().splitlines() == [
+            "launch", "--config_file", "configs/accelerate/zero3_2nodes.yaml", "--num_machines", "2",
+            "--num_processes", "16", "--machine_rank", str(node), "--main_process_ip", "gpu-07",
+            "--main_process_port", "21234", "launch/train.py", "--config", "configs/27b_zero3.yaml",
+            "--set", "train.grad_accum=1", "--resume", "auto"]
