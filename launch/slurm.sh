@@ -23,8 +23,10 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 
 NODES=${SLURM_NNODES:?not inside a SLURM allocation}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-# The rendezvous host is the allocation's first node; its rank-0 agent listens on MASTER_PORT.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The rendezvous host is the allocation's first node; its rank-0 agent listens on MASTER_PORT. (Not
+# `| head -n 1`: under pipefail, scontrol killed by SIGPIPE when head exits fails the job, exit 141.)
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${HOSTS%%$'\n'*}
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/zero3_2nodes.yaml}
 export MASTER_ADDR MASTER_PORT NODES GPUS_PER_NODE ACCELERATE_CONFIG

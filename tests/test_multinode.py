@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from tinyrun import ROOT, run_config
 
-# The shipped 2 x 8 GPU file, with the overrides a CPU machine needs: 2 processes (1 a node), the CPU
+# The shipped 2 x 8 GPU file, with the overrides a CPU machine needs: 2 processes (one a node), the CPU
 # DeepSpeed file, and this machine as the rendezvous host.
 TWO_NODES = ROOT / "configs/accelerate/zero3_2nodes.yaml"
 # What `accelerate launch` hands its ranks under DeepSpeed, for a rank started by plain torchrun
@@ -52,7 +52,7 @@ def node_command(node: int, port: int, cfg: Path, accelerate: bool) -> list[str]
 
 
 def run_nodes(tmp_path: Path, cfg: Path, cwds: tuple[Path, Path]) -> list[tuple[int, str]]:
-    """Start both nodes' launchers at once (node k in ``cwds[k]``); (exit code, stderr) of each."""
+    """Start both nodes' launchers at once (node k in ``cwds[k]``); (exit code, output) of each."""
     port, procs = free_port(), []
     env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for node, cwd in enumerate(cwds):
@@ -154,7 +154,8 @@ def test_the_slurm_script_starts_one_accelerate_launcher_per_node(tmp_path):
     fakes = {
         "srun": 'while [[ $1 == --* ]]; do shift; done\n'
                 'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit; done',
-        "scontrol": 'test "$*" = "show hostnames gpu-[07-08]" && printf "gpu-07\\ngpu-08\\n"',
+        # one line at a time, as a long node list comes: a reader that stops early breaks the pipe
+        "scontrol": 'test "$*" = "show hostnames gpu-[07-08]" && echo gpu-07 && sleep 0.2 && echo gpu-08',
         "accelerate": f'printf "%s\\n" "$@" > {tmp_path}/node$SLURM_NODEID.args',
     }
     for name, body in fakes.items():
