@@ -26,7 +26,9 @@ from korcpt.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    # Directory of token shards written by tools/build_shards.py (holds manifest.json).
+    # Directory of token shards written by tools/build_shards.py (holds manifest.json), or its webdataset
+    # export as a URL webdataset opens (file:, https://, pipe:CMD): the export's root or a brace pattern of
+    # its train tars, e.g. https://host/shards/wds/train/shard-{00000..00009}.tar (manifest.json beside wds/).
     shards: str = ""
     # Restart positions and mask attention at every document boundary inside a packed sequence.
     document_mask: bool = False
@@ -409,7 +411,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     need(bool(cfg.data.shards), "data.shards must name a shard directory (tools/build_shards.py --out DIR)")
     if not check_files:
         return p
-    if cfg.data.shards:
+    if cfg.data.shards and not stream_source(cfg.data.shards):  # a URL is read when training starts
         shards = resolve_path(cfg, cfg.data.shards)
         need((shards / "manifest.json").is_file(),
              f"data.shards: no manifest.json in {shards} (build it with tools/build_shards.py --out {cfg.data.shards})")
@@ -417,6 +419,12 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         if value:
             need(resolve_path(cfg, value).is_file(), f"{key}: file not found: {value}")
     return p
+
+
+def stream_source(value: str) -> bool:
+    """Whether ``data.shards`` names webdataset tars (a URL, or a path of ``.tar`` files) rather than a
+    shard directory: ``pipe:...``, ``file:...``, ``https://...``, ``/data/x/wds/train/shard-{0..3}.tar``."""
+    return value.startswith(("pipe:", "file:")) or "://" in value or ".tar" in value
 
 
 def resolve_path(cfg: RunConfig, value: str) -> Path:

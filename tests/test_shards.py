@@ -23,7 +23,6 @@ from korcpt.shards import (
     open_shards,
     permute,
     tokenizer_fingerprint,
-    webdataset_urls,
     write_shards,
 )
 
@@ -423,17 +422,111 @@ def test_load_state_dict_rejects_a_state_from_another_run(built):
 # ---------------------------------------------------------------- webdataset
 
 
-@pytest.mark.parametrize("world,rank,consumed,workers", [(1, 0, 0, 0), (2, 1, 4, 0), (3, 2, 0, 2)])
-def test_webdataset_read_equals_memmap_read(built, world, rank, consumed, workers):
+def tar_set(directory: Path, **kwargs):
+    from korcpt.shards.wds import open_webdataset
+
+    return open_webdataset(f"file:{directory}", "train", **kwargs)
+
+
+def rank_batches(tars, world: int, workers: int, batch: int, epoch: int = 0, consumed: int = 0) -> list[list[list[int]]]:
+    """Per rank, the sample ids of each batch its DataLoader returns."""
+    out = []
+    for rank in range(world):
+        stream = WebDatasetStream(tars, seed=7, rank=rank, world_size=world, num_workers=workers, batch_size=batch)
+        stream.load_state_dict({**stream.state_dict(), "epoch": epoch, "consumed": consumed})
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers)
+        out.append([b["sample_id"].tolist() for b in loader])
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 0)])
+def test_webdataset_readers_share_no_tar_and_yield_equal_shares(built, world, workers):
+    """Every (rank, worker) reads whole tars no other reader reads, each window at most once per epoch,
+    the same number of batches on every rank, the tail the rule drops and nothing else; the items are
+    the memory-mapped set's."""
     directory, _, _ = built
-    for split in ("train", "val"):
-        shards = open_shards(directory, split, verify=False)
-        mem = SequenceStream(shards, seed=0, shuffle=False, rank=rank, world_size=world, batch_size=2)
-        mem.load_state_dict({**mem.state_dict(), "consumed": consumed})
-        tar = WebDatasetStream(webdataset_urls(directory, split), num_sequences=shards.num_sequences,
-                               rank=rank, world_size=world, batch_size=2, consumed=consumed)
-        a = list(torch.utils.data.DataLoader(mem, batch_size=2, num_workers=workers))
-        b = list(torch.utils.data.DataLoader(tar, batch_size=2, num_workers=workers))
-        assert len(a) == len(b) > 0 and len(tar) == len(mem)
-        for x, y in zip(a, b):
-            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    tars, mm = tar_set(directory), open_shards(directory, "train", verify=False)
+    readers, counts = world * max(1, workers), tars.counts
+    quota = sum(sorted(counts)[: len(counts) // readers]) // 3 * 3
+    tar_of = np.repeat(np.arange(len(counts)), counts)
+    epochs = []
+    for epoch in (0, 1):
+        batches = rank_batches(tars, world, workers, batch=3, epoch=epoch)
+        assert {len(b) for b in batches} == {quota * max(1, workers) // 3}  # equal micro-batches per rank
+        ids = [i for rank in batches for b in rank for i in b]
+        assert len(ids) == len(set(ids)) == readers * quota
+        # which reader read each tar: batches of a rank alternate between its workers
+        reader_of = {}
+        for rank, rank_b in enumerate(batches):
+            for m, b in enumerate(rank_b):
+                for i in b:
+                    assert reader_of.setdefault(int(tar_of[i]), (rank, m % max(1, workers))) == (rank, m % max(1, workers))
+        assert len(set(reader_of.values())) == readers
+        epochs.append(ids)
+    assert epochs[0] != epochs[1] and len(epochs[0]) > 0  # a new order each epoch
+    if readers == 1:  # nothing to equalise: the epoch is every window (379 = 126 batches of 3 + 1)
+        assert len(epochs[0]) == tars.num_sequences // 3 * 3
+    some = epochs[0][:5]
+    items = {int(x["sample_id"]): x for x in WebDatasetStream(tars, seed=7, world_size=world, num_workers=0,
+                                                              batch_size=3) if int(x["sample_id"]) in some}
+    for i, item in items.items():
+        assert all(torch.equal(item[k], mm.sample(i)[k]) for k in item)
+
+
+@pytest.mark.parametrize("world,workers,before", [(1, 0, 5), (2, 2, 3), (2, 2, 4)])
+def test_webdataset_resume_mid_epoch_gives_exactly_the_next_batches(built, world, workers, before):
+    directory, _, _ = built
+    tars = tar_set(directory, verify=False)
+    whole = rank_batches(tars, world, workers, batch=2, epoch=1)
+    rest = rank_batches(tars, world, workers, batch=2, epoch=1, consumed=before * 2 * world)
+    assert all(len(r) > 0 for r in rest)
+    assert [r[before:] for r in whole] == rest
+
+
+def test_webdataset_resume_state_must_fit(built):
+    directory, _, _ = built
+    tars = tar_set(directory, verify=False)
+    stream = WebDatasetStream(tars, seed=7, world_size=2, num_workers=2, batch_size=2)
+    saved = {**stream.state_dict(), "consumed": 8}
+    assert saved == {"seed": 7, "epoch": 0, "consumed": 8, "num_sequences": tars.num_sequences, "readers": 4}
+    other = WebDatasetStream(tars, seed=7, world_size=2, num_workers=1, batch_size=2)
+    with pytest.raises(TrainingError) as err:
+        other.load_state_dict(saved)
+    assert str(err.value) == ("data stream state has readers 4, expected 2 (ranks x DataLoader workers: resume with "
+                              "the same world size and data.num_workers)")
+    with pytest.raises(TrainingError, match="consumed 6, expected a multiple of 4"):
+        stream.load_state_dict({**saved, "consumed": 6})
+
+
+def test_webdataset_checksums_sources_and_patterns(built, tmp_path):
+    """A tar whose SHA-256 is not the manifest's is refused before decoding (unless verify is off); the
+    pattern must name the manifest's train tars; validation per-token sources equal the index's."""
+    import shutil
+
+    from korcpt.errors import DataError
+    from korcpt.shards.wds import TarSource, open_webdataset, parse_source
+
+    directory, _, _ = built
+    assert parse_source("pipe:aws s3 cp s3://b/x/wds/train/shard-{00000..00003}.tar -") == TarSource(
+        "pipe:aws s3 cp s3://b/x", " -", "pipe:aws s3 cp s3://b/x/wds/train/shard-{00000..00003}.tar -")
+    assert parse_source("https://host/x/").manifest_url == "https://host/x/manifest.json"
+    with pytest.raises(DataError, match="expected the export's tars as"):
+        parse_source("pipe:aws s3 cp s3://b/x -")
+    n = len(tar_set(directory).entries)
+    with pytest.raises(DataError, match=f"names 2 tars .* expected the manifest's {n} train tars"):
+        open_webdataset(f"{directory}/wds/train/shard-{{00000..00001}}.tar", "train")
+    val, mm = open_webdataset(f"{directory}/wds/train/shard-{{00000..{n - 1:05d}}}.tar", "val"), open_shards(directory, "val")
+    assert val.num_sequences == mm.num_sequences > 0
+    assert all(np.array_equal(val.source_ids(i), mm.source_ids(i)) for i in range(val.num_sequences))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["webdataset"][1]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    url = f"file:{copy}/{manifest['webdataset'][1]['path']}"
+    with pytest.raises(DataError) as err:
+        tar_set(copy).read(1)
+    assert str(err.value).startswith(f"{url}: SHA-256 ") and str(err.value).endswith(
+        f", expected {'0' * 64} from the manifest; the tar is corrupt or was replaced")
+    assert len(tar_set(copy, verify=False).read(1)) == manifest["webdataset"][1]["sequences"]

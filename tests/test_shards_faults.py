@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from korcpt.errors import DataError
-from korcpt.shards import ShardOptions, WebDatasetStream, open_shards, write_shards
+from korcpt.shards import ShardOptions, open_shards, write_shards
 from test_shards import make_corpus, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,14 +121,19 @@ def test_symlink_out_of_the_directory_is_refused(copy, tmp_path):
 
 
 def test_webdataset_pipe_url(pristine):
-    from korcpt.shards import webdataset_urls
+    """The same tars through ``pipe:cat`` as through ``file:`` (the manifest fetched by the pipe too)."""
+    from korcpt.shards.wds import open_webdataset
 
-    urls = webdataset_urls(pristine / "out", "val")
-    piped = [f"pipe:cat {u.removeprefix('file:')}" for u in urls]
-    n = open_shards(pristine / "out", "val", verify=False).num_sequences
-    a = [d["input_ids"].tolist() for d in WebDatasetStream(urls, num_sequences=n)]
-    b = [d["input_ids"].tolist() for d in WebDatasetStream(piped, num_sequences=n)]
-    assert a == b and len(a) == n > 0
+    out = pristine / "out"
+    n = sum(1 for e in json.loads((out / "manifest.json").read_text())["webdataset"] if e["split"] == "train")
+    pattern = f"wds/train/shard-{{00000..{n - 1:05d}}}.tar"
+    plain, piped = (open_webdataset(f"file:{out}/{pattern}", "val"), open_webdataset(f"pipe:cat {out}/{pattern}", "val"))
+    assert piped.urls[0] == f"pipe:cat {out}/wds/val/shard-00000.tar"
+    a = [d["input_ids"].tolist() for d in map(plain.sample, range(plain.num_sequences))]
+    b = [d["input_ids"].tolist() for d in map(piped.sample, range(piped.num_sequences))]
+    assert a == b and len(a) == open_shards(out, "val", verify=False).num_sequences > 0
+    with pytest.raises(DataError, match="cannot read"):
+        open_webdataset(f"pipe:cat {out}/missing/{pattern}", "train")
 
 
 # ---------------------------------------------------------------- the tools

@@ -2,9 +2,13 @@
 
     python tools/export_wds.py data/shards/full        # writes DIR/wds/{train,val}/shard-NNNNN.tar
 
-Each tar holds, per window, `<index>.tokens.npy` (seq_len + 1 ids) and `<index>.starts.npy` (document
-starts); never a pickle. The manifest is rewritten (atomically, last) to list the tars; train from them
-with korcpt.shards.WebDatasetStream over file:, pipe: or http(s): URLs.
+Each tar holds, per window, `<index>.tokens.npy` (seq_len + 1 ids), `<index>.starts.npy` (document
+starts) and `<index>.segments.npy` (each segment's source); never a pickle. The manifest is rewritten
+(atomically, last) to list the tars with their SHA-256. Upload DIR/manifest.json and DIR/wds/ as they
+are, then train from them with data.shards set to the train tars, e.g.
+
+    data.shards: https://host/shards/full/wds/train/shard-{00000..00009}.tar
+    data.shards: "pipe:aws s3 cp s3://bucket/shards/full/wds/train/shard-{00000..00009}.tar -"
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Read in this order::
                   overlapping by one token (worked example there); write_shards = encode into a writer
     order.py      permute: an epoch's order as a pure function of (seed, epoch, n)
     reader.py     open_shards -> ShardSet (memmap, checked) -> SequenceStream (ranks, workers, resume)
-    wds.py        the same windows as webdataset tars, and a stream over tar URLs
+    wds.py        the same windows as webdataset tars (export), and the training stream over tar URLs
 
 Nothing here imports korcpt.corpus or korcpt.model: documents arrive as files, tokenizers through
 korcpt.assets.
@@ -40,6 +40,8 @@ _EXPORTS = {
     "WebDatasetStream": "wds",
     "export_webdataset": "wds",
     "webdataset_urls": "wds",
+    "TarShards": "wds",
+    "open_webdataset": "wds",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -130,8 +130,17 @@ def load_manifest(directory: Path) -> dict:
             "(the manifest is written last; build it with tools/build_shards.py)"
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    return parse_manifest(data, str(path))
+
+
+def parse_manifest(data: bytes, path: str) -> dict:
+    """Decode and structurally check a manifest's bytes (read from a file or a URL named ``path``)."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object, found {type(manifest).__name__}")

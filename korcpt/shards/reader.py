@@ -253,7 +253,14 @@ def open_shards(
     if split not in SPLITS:
         raise DataError(f"split {split!r} unknown, expected one of {list(SPLITS)}")
     manifest = load_manifest(directory)
-    where = directory / "manifest.json"
+    check_run(manifest, directory / "manifest.json", tokenizer_fingerprint, seq_len)
+    shards = ShardSet(directory, manifest, split)
+    shards.check(verify=verify)
+    return shards
+
+
+def check_run(manifest: dict, where: Path | str, tokenizer_fingerprint: str | None, seq_len: int | None) -> None:
+    """Refuse a manifest built for another sequence length or tokenizer than the run's (None: not checked)."""
     if seq_len is not None and manifest["seq_len"] != seq_len:
         raise DataError(f"{where}: seq_len {manifest['seq_len']}, expected {seq_len} (the run's); rebuild the shards "
                         "or set the run's sequence length to match")
@@ -261,9 +268,6 @@ def open_shards(
     if tokenizer_fingerprint is not None and found != tokenizer_fingerprint:
         raise DataError(f"{where}: tokenizer fingerprint {found} ({manifest['tokenizer'].get('name')}), expected "
                         f"{tokenizer_fingerprint} (the run's tokenizer); these shards were built with another tokenizer")
-    shards = ShardSet(directory, manifest, split)
-    shards.check(verify=verify)
-    return shards
 
 
 class SequenceStream(IterableDataset):

@@ -1,29 +1,60 @@
-"""The packed windows as webdataset tar shards (for object storage), and a stream that reads them back.
+"""The packed windows as webdataset tar shards (for object storage), and the training stream over them.
 
-Each tar member group is one window, keyed by its global sequence index within the split::
+Layout of an export (the shard directory's own ``manifest.json`` lists the tars)::
 
-    wds/train/shard-00000.tar
-        0000000000.tokens.npy    the seq_len + 1 token ids (np.save, the shards' dtype)
-        0000000000.starts.npy    int64 positions of document starts in the window
+    DIR/manifest.json                  "webdataset": [{split, path, first_sequence, sequences, sha256}]
+    DIR/wds/train/shard-00000.tar      one tar per token shard; per window, keyed by its sequence index:
+        0000000000.tokens.npy          the seq_len + 1 token ids (np.save, the shards' dtype)
+        0000000000.starts.npy          int64 positions of document starts in the window
+        0000000000.segments.npy        int64 rows [first position in the window, source id], one per
+                                       document segment (validation's per-source losses)
         0000000001.tokens.npy ...
 
 Members are ``.npy`` files read with ``np.load(allow_pickle=False)``; nothing is ever unpickled, and a
 member with a pickle extension (``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``) is refused.
 
-:class:`WebDatasetStream` yields the same items as :class:`~korcpt.shards.reader.SequenceStream` with
-``shuffle=False`` (the stored order, which is sequence order), split across ranks and DataLoader
-workers the same way, and resumable by ``consumed``. A global shuffle needs random access: use the
-memory-mapped shards for that. Tars are streamed, so every rank and worker reads every tar and keeps
-its own positions.
+Mental model of training from tars (:func:`open_webdataset` -> :class:`TarShards` -> :class:`WebDatasetStream`)::
+
+    data.shards = https://host/x/wds/train/shard-{00000..00009}.tar   (or https://host/x, file:, pipe:CMD ... -)
+         │        manifest = https://host/x/manifest.json: everything before "/wds/" is the export's root
+         v
+    epoch e:   tar order = a permutation of the T train tars, pure function of (seed, e, T)
+               reader j  = (rank, worker) = rank * W + worker, R = world_size * W readers
+               reader j reads the tars at positions j, j + R, j + 2R, ... of that order: no tar twice
+               inside a tar: its windows in a permutation of (seed, e, tar); the whole tar is read
+               into memory, its SHA-256 checked against the manifest before any member is decoded
+               every reader yields exactly Q windows per epoch (the rule below), then stops
+
+Equal readers (ranks must take equal numbers of micro-batches or distributed training hangs): with
+``k = T // R``, every reader gets at least ``k`` tars in every epoch, so it holds at least the windows
+of the ``k`` smallest tars. ``Q`` is that sum, rounded down to whole micro-batches; the rest of the
+epoch (``n - R * Q`` windows) is dropped, and logged. Worked example: tars of 64, 64 and 34 windows
+(n = 162), micro-batch 2. One rank, no workers: R = 1, k = 3, Q = 162, nothing dropped. Two ranks:
+R = 2, k = 1, Q = 34: each rank reads one tar's first 34 windows (in the shuffled order) per epoch
+and 94 are dropped; export more, smaller tars (``shard_tokens``) so that T is many times R. Q does not
+depend on the epoch, so every epoch has the same number of steps.
+
+Resume: the state is ``{"seed", "epoch", "consumed", "num_sequences", "readers"}``, ``consumed`` in
+global positions as for :class:`~korcpt.shards.reader.SequenceStream` (a micro-step consumes
+``batch_size * world_size``). A reader skips the tars it had finished without fetching them. Unlike
+the memory-mapped stream the order depends on the number of readers, so a resume needs the same
+world size and ``data.num_workers``.
+
+What is ours and what is webdataset's: ``webdataset.gopen`` opens every URL (file:, pipe:, http(s)
+through curl) and its tar iterators split a tar into samples. The checksum check, the assignment of
+tars to readers and the resumable position are written here: webdataset's own shard splitting and
+shuffle buffers are neither checksummed nor resumable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,12 +62,20 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from korcpt.errors import DataError
-from korcpt.shards.format import SPLITS
-from korcpt.shards.reader import ShardSet, make_sample
+from korcpt.errors import DataError, TrainingError
+from korcpt.log import get_logger
+from korcpt.shards.format import DTYPES, IDX_SOURCE, SPLITS, parse_manifest
+from korcpt.shards.order import permute
+from korcpt.shards.reader import ShardSet, check_run, make_sample
+
+log = get_logger(__name__)
 
 PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "joblib"})
 KEY_DIGITS = 10
+MEMBERS = ("tokens.npy", "starts.npy", "segments.npy")
+
+
+# ---------------------------------------------------------------- export
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -51,6 +90,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _segments(shards: ShardSet, i: int) -> np.ndarray:
+    """Rows [first position in window i, source id] of the document segments window i holds."""
+    rows, rel, _ = shards._segments(i)
+    return np.stack([np.maximum(rel, 0), rows[:, IDX_SOURCE]], axis=1).astype(np.int64)
+
+
 def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
     """Write every split's windows as tars under ``directory/wds/<split>/``, one tar per token shard.
 
@@ -60,7 +105,7 @@ def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
 
     Returns:
         Manifest entries ``{"split", "path", "first_sequence", "sequences", "sha256"}``, paths relative
-        to ``directory``.
+        to ``directory``; ``sha256`` is the tar's, which the trainer checks before decoding a member.
     """
     directory = Path(directory)
     entries = []
@@ -79,6 +124,7 @@ def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
                             key = f"{i:0{KEY_DIGITS}d}"
                             _add(tar, f"{key}.tokens.npy", _npy_bytes(shards.window(i)))
                             _add(tar, f"{key}.starts.npy", _npy_bytes(shards.document_starts(i).astype(np.int64)))
+                            _add(tar, f"{key}.segments.npy", _npy_bytes(_segments(shards, i)))
                 os.replace(tmp, final)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -90,7 +136,7 @@ def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
 
 
 def webdataset_urls(directory: str | Path, split: str, manifest: dict | None = None) -> list[str]:
-    """``file:`` URLs of a split's tars as the manifest lists them (others, ``pipe:``/``http:``, work the same)."""
+    """``file:`` URLs of a split's tars in a local shard directory, as the manifest lists them."""
     from korcpt.shards.format import load_manifest, safe_member
 
     directory = Path(directory)
@@ -102,76 +148,378 @@ def webdataset_urls(directory: str | Path, split: str, manifest: dict | None = N
     return [f"file:{safe_member(directory, e['path'], 'webdataset').resolve()}" for e in entries]
 
 
-def _decode(url: str, key: str, members: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+# ---------------------------------------------------------------- sources and tars
+
+
+@dataclass(frozen=True)
+class TarSource:
+    """Where an export lives: ``url(path)`` is the URL of a path relative to the export's root.
+
+    ``data.shards`` takes two forms:
+
+    - a tar pattern with ``/wds/`` in it: everything before ``/wds/`` is the root and whatever follows
+      ``.tar`` is kept after every path (a ``pipe:`` command's arguments)::
+
+          pipe:aws s3 cp s3://b/x/wds/train/shard-{00000..00003}.tar -
+              root "pipe:aws s3 cp s3://b/x", suffix " -"
+              manifest "pipe:aws s3 cp s3://b/x/manifest.json -"
+
+      The pattern must name exactly the manifest's train tars (it is checked, not used as a filter).
+    - the root itself, for schemes that take a plain path (``https://host/x``, ``file:/data/x``).
+    """
+
+    root: str
+    suffix: str = ""
+    pattern: str = ""
+
+    def url(self, path: str) -> str:
+        return f"{self.root}/{path}{self.suffix}"
+
+    @property
+    def manifest_url(self) -> str:
+        return self.url("manifest.json")
+
+
+def parse_source(value: str) -> TarSource:
+    """The :class:`TarSource` of a ``data.shards`` value (see there); one-line :class:`DataError` if it is neither form."""
+    if "/wds/" in value:
+        root, rest = value[:value.rindex("/wds/")], value[value.rindex("/wds/") + 1:]
+        end = rest.rfind(".tar")
+        if end < 0:
+            raise DataError(f"data.shards {value!r}: a webdataset pattern must name .tar files, e.g. "
+                            ".../wds/train/shard-{00000..00009}.tar")
+        return TarSource(root, rest[end + len(".tar"):], value)
+    if value.startswith("pipe:") or ".tar" in value:
+        raise DataError(f"data.shards {value!r}: expected the export's tars as .../wds/train/shard-{{00000..00009}}.tar "
+                        "(the manifest.json beside wds/ is found from it)")
+    return TarSource(value.rstrip("/"))
+
+
+def read_url(url: str) -> bytes:
+    """All bytes at ``url`` through ``webdataset.gopen``; a failed open, read or command is one :class:`DataError`."""
+    import webdataset as wds
+
+    try:
+        with wds.gopen(url, "rb") as stream:
+            return stream.read()
+    except (OSError, ValueError) as exc:  # a pipe's or curl's non-zero exit arrives as OSError on close
+        raise DataError(f"{url}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _decode(url: str, key: str, members: dict[str, bytes], required=MEMBERS[:2]) -> list[np.ndarray]:
     for suffix in members:
         if suffix.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
             raise DataError(f"{url}: member {key}.{suffix} is a pickle; refused (korcpt never unpickles data)")
     arrays = []
-    for suffix in ("tokens.npy", "starts.npy"):
+    for suffix in MEMBERS:
         if suffix not in members:
-            raise DataError(f"{url}: sample {key} lacks {key}.{suffix}; found {sorted(members)}")
+            if suffix in required:
+                raise DataError(f"{url}: sample {key} lacks {key}.{suffix}; found {sorted(members)}")
+            arrays.append(None)
+            continue
         try:
             arrays.append(np.load(io.BytesIO(members[suffix]), allow_pickle=False))
         except ValueError as exc:
             raise DataError(f"{url}: {key}.{suffix} is not a plain .npy array ({exc})") from None
-    return arrays[0], arrays[1]
+    return arrays
+
+
+def _samples(url: str, stream) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(sequence index, [tokens, starts, segments]) of each sample of a tar stream (webdataset's iterators)."""
+    import webdataset as wds
+
+    try:
+        for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])):
+            key = sample["__key__"]
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            try:
+                index = int(Path(key).name)
+            except ValueError:
+                raise DataError(f"{url}: sample key {key!r} is not a sequence index") from None
+            yield index, _decode(url, key, members)
+    except (tarfile.TarError, ValueError) as exc:  # ValueError: webdataset's duplicate member names
+        raise DataError(f"{url}: not a readable tar ({str(exc).splitlines()[0]})") from None
 
 
 def iter_windows(urls: list[str]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(sequence index, window, document starts) of every sample in ``urls``, in stored order."""
+    """(sequence index, window, document starts) of every sample in ``urls``, in stored order, unchecked
+    against a manifest (a look at a tar; training goes through :class:`WebDatasetStream`)."""
     import webdataset as wds
 
     for url in urls:
         stream = wds.gopen(url, "rb")
         try:
-            samples = wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
-            for sample in samples:
-                key = sample["__key__"]
-                members = {k: v for k, v in sample.items() if not k.startswith("__")}
-                try:
-                    index = int(Path(key).name)
-                except ValueError:
-                    raise DataError(f"{url}: sample key {key!r} is not a sequence index") from None
-                tokens, starts = _decode(url, key, members)
+            for index, (tokens, starts, _) in _samples(url, stream):
                 yield index, tokens, starts
         finally:
             stream.close()
 
 
-class WebDatasetStream(IterableDataset):
-    """Sequence-order items from webdataset tars, sharded and resumable like ``SequenceStream(shuffle=False)``.
+def _safe_relative(where: str, path: Any) -> str:
+    if (not isinstance(path, str) or not path or path.startswith(("/", "\\")) or ".." in path.split("/")
+            or ":" in path.split("/")[0]):
+        raise DataError(f"{where}: webdataset path {path!r} leaves the export; expected a relative path like wds/train/shard-00000.tar")
+    return path
 
-    Args:
-        urls: tar URLs in order (``file:``, plain paths, ``pipe:cmd``, ``http(s):``), e.g. from :func:`webdataset_urls`.
-        num_sequences: windows in all ``urls`` together (the manifest's count), to drop the same tail.
-        rank, world_size, batch_size: as for :class:`~korcpt.shards.reader.SequenceStream`.
-        consumed: global positions already consumed in this pass.
+
+class TarShards:
+    """The tars of one split of an export, as its manifest lists them (build with :func:`open_webdataset`).
+
+    Attributes like :class:`~korcpt.shards.reader.ShardSet`'s (``manifest``, ``split``, ``seq_len``,
+    ``num_sequences``, ``sources``, ``entries``: the webdataset entries, which :func:`data_order` hashes);
+    ``directory`` is the source as configured (for messages), ``urls`` the tars' URLs.
     """
 
-    def __init__(self, urls: list[str], *, num_sequences: int, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1, consumed: int = 0):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} and world_size {world_size}: expected 0 <= rank < world_size")
-        self.urls, self.num_sequences = list(urls), num_sequences
-        self.rank, self.world_size, self.batch_size, self.consumed = rank, world_size, batch_size, consumed
+    def __init__(self, source: TarSource, manifest: dict, split: str, verify: bool = True, where: str = ""):
+        self.source, self.manifest, self.split, self.verify = source, manifest, split, verify
+        self.directory = source.pattern or source.root
+        where = where or source.manifest_url
+        self.seq_len: int = manifest["seq_len"]
+        self.dtype = DTYPES[manifest["dtype"]]
+        self.sources: list[str] = list(manifest.get("sources", []))
+        self.entries = [e for e in manifest.get("webdataset", []) if isinstance(e, dict) and e.get("split") == split]
+        memmap = sum(s["sequences"] for s in manifest["shards"] if s["split"] == split)
+        if not self.entries and memmap:
+            raise DataError(f"{where}: no webdataset tars for split {split!r}; run tools/export_wds.py on the shard directory")
+        first = 0
+        for e in self.entries:
+            if not all(k in e for k in ("path", "first_sequence", "sequences", "sha256")) or e["first_sequence"] != first:
+                raise DataError(f"{where}: webdataset entry {e!r} must have path, first_sequence={first}, sequences, sha256")
+            _safe_relative(where, e["path"])
+            first += e["sequences"]
+        if first != memmap:
+            raise DataError(f"{where}: the {split} tars hold {first} sequences, expected {memmap} (the token shards'); re-export")
+        self.num_sequences = first
+        self._first = np.array([e["first_sequence"] for e in self.entries] + [first], dtype=np.int64)
+        self.urls = [source.url(e["path"]) for e in self.entries]
+        self._cache: dict[int, list] = {}
 
     def __len__(self) -> int:
-        return (self.num_sequences - self.consumed) // self.world_size
+        return self.num_sequences
+
+    def __getstate__(self) -> dict:  # DataLoader workers get the URLs, never the tars read so far
+        return {**self.__dict__, "_cache": {}}
+
+    @property
+    def counts(self) -> list[int]:
+        return [e["sequences"] for e in self.entries]
+
+    def read(self, k: int) -> list[list[np.ndarray]]:
+        """Tar ``k``'s windows as ``[tokens, starts, segments]`` by position in the tar, checked: its
+        SHA-256 (if ``verify``) before anything is decoded, then exactly its sequence indices, each once."""
+        url, entry = self.urls[k], self.entries[k]
+        data = read_url(url)
+        if self.verify and (digest := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
+            raise DataError(f"{url}: SHA-256 {digest}, expected {entry['sha256']} from the manifest; the tar is corrupt or was replaced")
+        first, count = entry["first_sequence"], entry["sequences"]
+        windows: list = [None] * count
+        for index, arrays in _samples(url, io.BytesIO(data)):
+            if not first <= index < first + count or windows[index - first] is not None:
+                raise DataError(f"{url}: sample {index} repeated or outside [{first}, {first + count}) named by the manifest")
+            tokens = arrays[0]
+            if tokens.shape != (self.seq_len + 1,) or tokens.dtype != self.dtype:
+                raise DataError(f"{url}: sample {index} holds {tokens.dtype}{list(tokens.shape)} tokens, expected "
+                                f"{self.dtype}[{self.seq_len + 1}]")
+            windows[index - first] = arrays
+        if (missing := windows.count(None)):
+            raise DataError(f"{url}: {missing} of the {count} samples the manifest names are missing")
+        return windows
+
+    def _window(self, i: int) -> list[np.ndarray]:
+        if not 0 <= i < self.num_sequences:
+            raise IndexError(f"sequence {i} out of range [0, {self.num_sequences}) of split {self.split!r}")
+        k = int(np.searchsorted(self._first, i, side="right")) - 1
+        if k not in self._cache:  # validation reads the same few tars at every evaluation: keep them
+            self._cache[k] = self.read(k)
+        return self._cache[k][i - int(self._first[k])]
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        """Sequence ``i`` as a training item (random access: its tar is read once and kept)."""
+        tokens, starts, _ = self._window(i)
+        return make_sample(tokens, starts, i)
+
+    def source_ids(self, i: int) -> np.ndarray:
+        """For each of the ``seq_len + 1`` tokens of window ``i``, its document's source id."""
+        segments = self._window(i)[2]
+        if segments is None:
+            raise DataError(f"{self.directory}: sample {i} lacks segments.npy (exported by an older korcpt); "
+                            "run tools/export_wds.py again")
+        return np.repeat(segments[:, 1], np.diff(np.append(segments[:, 0], self.seq_len + 1)))
+
+    @property
+    def num_documents(self) -> int:
+        """Documents the manifest counts in this split's shards."""
+        return sum(s.get("documents", 0) for s in self.manifest["shards"] if s["split"] == self.split)
+
+    def sequences_for_documents(self, n: int) -> int:
+        """All sequences when ``n`` covers every document; a prefix needs the memory-mapped shards' index."""
+        if n < self.num_documents:
+            raise DataError(f"train.max_samples {n} of {self.num_documents} documents needs the document index of the "
+                            "shard directory; from webdataset tars train on all documents (train.max_samples: 0)")
+        return self.num_sequences
+
+    def quota(self, readers: int, batch_size: int) -> int:
+        """Windows each of ``readers`` readers yields per epoch: the ``T // readers`` smallest tars, in
+        whole batches (the rule and a worked example are in the module docstring)."""
+        per_reader = len(self.entries) // readers
+        if per_reader < 1:
+            raise DataError(f"{self.directory}: {len(self.entries)} {self.split} tars cannot feed {readers} readers "
+                            "(ranks x DataLoader workers) without sharing one; export smaller tars (shard_tokens) or use "
+                            "fewer data.num_workers")
+        smallest = sum(sorted(self.counts)[:per_reader])
+        return smallest // batch_size * batch_size
+
+    def sequences_per_epoch(self, readers: int, batch_size: int) -> int:
+        """Global positions of an epoch with ``readers`` readers (``readers * quota``); logs the dropped rest."""
+        used = readers * self.quota(readers, batch_size)
+        if used < self.num_sequences:
+            log.info("webdataset: %d readers (ranks x workers) over %d tars read %d of %d sequences per epoch "
+                     "(%d dropped so that every reader yields as many)", readers, len(self.entries), used,
+                     self.num_sequences, self.num_sequences - used)
+        return used
+
+
+def open_webdataset(value: str, split: str, *, tokenizer_fingerprint: str | None = None, seq_len: int | None = None,
+                    verify: bool = True, manifest: dict | None = None) -> TarShards:
+    """Open one split of a webdataset export named by ``data.shards`` (see :class:`TarSource`).
+
+    Args:
+        value: the ``data.shards`` string.
+        split: ``"train"`` or ``"val"``.
+        tokenizer_fingerprint, seq_len: checked against the manifest as :func:`~korcpt.shards.reader.open_shards` does.
+        verify: check each tar's SHA-256 when it is read (``data.verify_checksums``).
+        manifest: the manifest if already fetched (the train split's, for the val split).
+
+    Raises:
+        DataError: an unreadable source or manifest, a pattern naming other tars than the manifest's
+            train tars, or a manifest that does not fit the run; one line naming the URL.
+    """
+    source = parse_source(value)
+    if manifest is None:
+        manifest = parse_manifest(read_url(source.manifest_url), source.manifest_url)
+        check_run(manifest, source.manifest_url, tokenizer_fingerprint, seq_len)
+    tars = TarShards(source, manifest, split, verify)
+    if source.pattern and split == "train":
+        from braceexpand import braceexpand
+
+        named, expected = sorted(braceexpand(source.pattern)), sorted(tars.urls)
+        if named != expected:
+            raise DataError(f"data.shards {value!r} names {len(named)} tars ({named[0]} ...), expected the manifest's "
+                            f"{len(expected)} train tars ({expected[0] if expected else 'none'} ...)")
+    return tars
+
+
+# ---------------------------------------------------------------- the stream
+
+
+def _key(seed: int, *parts: Any) -> int:
+    """A seed for :func:`permute` derived from the run's seed and a label (tar order, one tar's windows)."""
+    return int.from_bytes(hashlib.blake2b(json.dumps([seed, *parts]).encode(), digest_size=8).digest(), "little")
+
+
+class WebDatasetStream(IterableDataset):
+    """A resumable stream of one epoch of :class:`TarShards`, each tar read by one (rank, worker) only.
+
+    Args:
+        tars: the train tars.
+        seed: seed of the order.
+        rank, world_size: this process and the number of ranks.
+        num_workers: the DataLoader's ``num_workers`` (0 reads in the process, as 1 worker).
+        batch_size: the DataLoader's batch size (readers yield whole batches).
+
+    The order, the rule that keeps readers equal and the resume state are in the module docstring.
+    Like :class:`~korcpt.shards.reader.SequenceStream`, iterating does not change the state: the
+    training loop records consumed positions with :meth:`advance` and :meth:`set_epoch`.
+    """
+
+    def __init__(self, tars: TarShards, *, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 batch_size: int = 1):
+        if world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or batch_size < 1:
+            raise ValueError(f"rank {rank}, world_size {world_size}, num_workers {num_workers}, batch_size {batch_size}: "
+                             "expected 0 <= rank < world_size, num_workers >= 0, batch_size >= 1")
+        self.tars, self.seed, self.rank, self.world_size = tars, int(seed), rank, world_size
+        self.workers, self.batch_size = max(1, num_workers), batch_size
+        self.readers = world_size * self.workers
+        self.quota = tars.quota(self.readers, batch_size)
+        self.epoch = 0
+        self.consumed = 0
+
+    @property
+    def epoch_length(self) -> int:
+        """Global positions in an epoch: ``readers * quota``."""
+        return self.readers * self.quota
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.consumed = int(epoch), 0
+
+    def advance(self, n_global: int) -> None:
+        if n_global < 0 or self.consumed + n_global > self.epoch_length:
+            raise TrainingError(f"advance({n_global}) from {self.consumed}: expected a total within "
+                                f"[0, {self.epoch_length}] positions of this epoch")
+        self.consumed += n_global
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"seed", "epoch", "consumed", "num_sequences", "readers"}``: where the next iteration starts."""
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed,
+                "num_sequences": self.tars.num_sequences, "readers": self.readers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``; raises :class:`TrainingError` (found/expected) if it does not fit this stream."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise TrainingError(f"data stream state lacks {missing}; found keys {sorted(state)} (a memory-mapped "
+                                "run's checkpoint cannot resume from webdataset tars)")
+        for key, why in (("seed", "the run's seed"), ("num_sequences", f"in {self.tars.directory}"),
+                         ("readers", "ranks x DataLoader workers: resume with the same world size and data.num_workers")):
+            if state[key] != expected[key]:
+                raise TrainingError(f"data stream state has {key} {state[key]!r}, expected {expected[key]!r} ({why})")
+        step = self.batch_size * self.world_size
+        if not isinstance(state["epoch"], int) or state["epoch"] < 0:
+            raise TrainingError(f"data stream state has epoch {state['epoch']!r}, expected an integer >= 0")
+        if not isinstance(state["consumed"], int) or not 0 <= state["consumed"] <= self.epoch_length or state["consumed"] % step:
+            raise TrainingError(f"data stream state has consumed {state['consumed']!r}, expected a multiple of {step} "
+                                f"in [0, {self.epoch_length}]")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+    def __len__(self) -> int:
+        """Sequences this rank yields in the rest of the epoch."""
+        return (self.epoch_length - self.consumed) // self.world_size
+
+    def reader_tars(self, epoch: int, reader: int) -> list[int]:
+        """Tar numbers reader ``reader`` reads in ``epoch``, in order."""
+        n = len(self.tars.entries)
+        return permute(np.arange(n), _key(self.seed, "tars"), epoch, n)[reader::self.readers].tolist()
+
+    def _reader(self, reader: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Reader ``reader``'s windows from its position ``skip`` to the quota."""
+        position = 0
+        for k in self.reader_tars(self.epoch, reader):
+            count = self.tars.entries[k]["sequences"]
+            if position >= self.quota:
+                return
+            if position + count > skip:  # a tar consumed before the checkpoint is not fetched again
+                windows = self.tars.read(k)
+                order = permute(np.arange(count), _key(self.seed, "tar", k), self.epoch, count)
+                first = self.tars.entries[k]["first_sequence"]
+                for j in range(max(0, skip - position), min(count, self.quota - position)):
+                    tokens, starts, _ = windows[order[j]]
+                    yield make_sample(tokens, starts, first + int(order[j]))
+            position += count
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        count = len(self)
-        end = self.consumed + count * self.world_size
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        for position, (index, tokens, starts) in enumerate(iter_windows(self.urls)):
-            if position >= end:
-                break
-            offset = position - self.consumed
-            if offset < 0 or offset % self.world_size != self.rank:
-                continue
-            if (offset // self.world_size // self.batch_size) % workers != worker:
-                continue
-            yield make_sample(tokens, starts, index)
+        if workers != self.workers:
+            raise TrainingError(f"WebDatasetStream built for {self.workers} DataLoader worker(s), iterated by {workers}")
+        # The DataLoader takes one batch from each worker in turn, starting at worker 0: after M batches
+        # of this rank, the next one is role M % W's, so worker w plays role (w + M) % W. Role r has
+        # produced the batches m < M with m % W == r.
+        done = self.consumed // self.world_size // self.batch_size
+        role = (worker + done) % workers
+        skip = max(0, -(-(done - role) // workers)) * self.batch_size
+        yield from self._reader(self.rank * workers + role, skip)
 
 
-__all__: list[Any] = ["WebDatasetStream", "export_webdataset", "iter_windows", "webdataset_urls", "PICKLE_EXTENSIONS"]
+__all__: list[Any] = ["PICKLE_EXTENSIONS", "TarShards", "TarSource", "WebDatasetStream", "export_webdataset",
+                      "iter_windows", "open_webdataset", "parse_source", "read_url", "webdataset_urls"]

@@ -33,6 +33,7 @@ from korcpt.model.load import load_model_and_tokenizer, resolve_dtype
 from korcpt.model.lora import apply_lora, count_parameters, embedding_parameters, unwrap_base
 from korcpt.model.loss import FinalHidden, attach_head_loss, model_batch, nll_sum
 from korcpt.shards.reader import IGNORE_INDEX, SequenceStream
+from korcpt.shards.wds import TarShards, WebDatasetStream
 from korcpt.train.checkpoint import Checkpointer, TrainerState, check_shared_output, data_order
 from korcpt.train.evaluation import EarlyStopper, Evaluator, evaluation_every
 from korcpt.train.metrics import RunRecord, model_flops_per_token
@@ -241,11 +242,20 @@ def build_optimizer(model, cfg: RunConfig, total_steps: int):
 
 
 def open_data(cfg: RunConfig, tokenizer):
-    """Train and validation shard sets, checked against the run's tokenizer."""
+    """Train and validation shard sets, checked against the run's tokenizer: memory-mapped from a shard
+    directory, or webdataset tars (:class:`korcpt.shards.wds.TarShards`) when ``data.shards`` is a URL."""
+    from korcpt.config import stream_source
     from korcpt.shards.reader import open_shards
     from korcpt.shards.format import tokenizer_fingerprint
 
     fingerprint = tokenizer_fingerprint(tokenizer)
+    if stream_source(cfg.data.shards):
+        from korcpt.shards.wds import open_webdataset
+
+        train_set = open_webdataset(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint,
+                                    verify=cfg.data.verify_checksums)
+        val_set = open_webdataset(cfg.data.shards, "val", verify=cfg.data.verify_checksums, manifest=train_set.manifest)
+        return train_set, (val_set if val_set.num_sequences else None)
     train_set = open_shards(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint,
                             verify=cfg.data.verify_checksums)
     val_set = None
@@ -270,8 +280,13 @@ def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int, epochs: int
 # ---------------------------------------------------------------- data
 
 
-def build_stream(cfg: RunConfig, train_set, accelerator, sequences: int) -> SequenceStream:
-    """This rank's shuffled stream of the first ``sequences`` training sequences (the plan's)."""
+def build_stream(cfg: RunConfig, train_set, accelerator, sequences: int) -> SequenceStream | WebDatasetStream:
+    """This rank's shuffled stream of the first ``sequences`` training sequences (the plan's); from
+    webdataset tars, the tars this rank's readers are assigned (all of the plan's sequences)."""
+    if isinstance(train_set, TarShards):
+        return WebDatasetStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
+                                batch_size=cfg.train.micro_batch_size)
     return SequenceStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, shuffle=True, limit=sequences,
                           batch_size=cfg.train.micro_batch_size)
@@ -483,6 +498,8 @@ def plan_run(cfg: RunConfig, train_set, world: int) -> RunPlan:
     available = train_set.num_documents
     documents = min(cfg.train.max_samples, available) if cfg.train.max_samples else available
     sequences = train_set.sequences_for_documents(documents)
+    if isinstance(train_set, TarShards):  # whole tars per reader: what every reader can yield, times the readers
+        sequences = train_set.sequences_per_epoch(world * max(1, cfg.data.num_workers), cfg.train.micro_batch_size)
     total_steps = plan_steps(cfg, sequences, world)
     if total_steps < 1:
         raise TrainingError(

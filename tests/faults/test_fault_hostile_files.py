@@ -34,7 +34,7 @@ import torch
 from korcpt.config import ModelConfig, RunConfig, load_config
 from korcpt.errors import DataError, ModelError, TrainingError
 from korcpt.model.load import load_model_and_tokenizer, load_tokenizer
-from korcpt.shards.wds import PICKLE_EXTENSIONS, WebDatasetStream
+from korcpt.shards.wds import PICKLE_EXTENSIONS, iter_windows
 from tinyrun import ROOT, run_config
 
 EVIL = """
@@ -68,7 +68,7 @@ def test_webdataset_pickle_members_are_refused_never_decoded(tmp_path, ext, tall
     url = _tar(tmp_path / "hostile.tar", {"0000000000.tokens.npy": tokens.getvalue(),
                                           f"0000000000.starts.{ext}": pickle.dumps(_Payload(marker))})
     with pytest.raises(DataError, match=f"starts.{ext}"):
-        list(WebDatasetStream([url], num_sequences=1))
+        list(iter_windows([url]))
     print(f"[injected] webdataset member 0000000000.starts.{ext} (pickle with a payload) -> refused")
     assert not marker.exists()
     tally.add("hostile files", faults_injected=1, bad_inputs=1)
@@ -82,7 +82,7 @@ def test_webdataset_object_array_npy_is_refused_never_unpickled(tmp_path, tally)
     url = _tar(tmp_path / "object.tar", {"0000000000.tokens.npy": obj.getvalue(),
                                          "0000000000.starts.npy": starts.getvalue()})
     with pytest.raises(DataError, match="0000000000.tokens.npy is not a plain .npy array"):
-        list(WebDatasetStream([url], num_sequences=1))
+        list(iter_windows([url]))
     print("[injected] webdataset member 0000000000.tokens.npy (object array with a payload) -> refused")
     assert not marker.exists()
     tally.add("hostile files", faults_injected=1, bad_inputs=1)
