@@ -75,6 +75,9 @@ class LoraConfig:
     embeddings: Literal["frozen", "new_tokens", "full"] = "frozen"
     # Learning rate of the embedding parameters; 0 means train.lr.
     embedding_lr: float = 0.0
+    # Staged training (EEVE): the first N optimizer steps train only the embedding rows (LoRA's learning
+    # rate is 0), then LoRA starts its own warmup and decay over the remaining steps; 0: no stage.
+    embeddings_first_steps: int = 0
 
 
 @dataclass
@@ -388,6 +391,12 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     need(lo.alpha > 0, f"lora.alpha must be > 0, found {lo.alpha}")
     need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), found {lo.dropout}")
     need(lo.embedding_lr >= 0, f"lora.embedding_lr must be >= 0 (0 = train.lr), found {lo.embedding_lr}")
+    need(lo.embeddings_first_steps >= 0,
+         f"lora.embeddings_first_steps must be >= 0 (0 = no stage), found {lo.embeddings_first_steps}")
+    need(not lo.embeddings_first_steps or lo.embeddings != "frozen",
+         "lora.embeddings_first_steps trains the embedding rows first: it needs lora.embeddings new_tokens or full")
+    need(not (lo.embeddings_first_steps and t.max_steps) or lo.embeddings_first_steps < t.max_steps,
+         f"lora.embeddings_first_steps ({lo.embeddings_first_steps}) must be below train.max_steps ({t.max_steps})")
     tm = lo.target_modules
     need(
         tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)),

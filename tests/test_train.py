@@ -306,3 +306,47 @@ def test_the_training_step_waits_for_the_device_once_per_optimizer_step(tmp_path
     # directly, and the first step's one is the DataLoader drawing its base seed when an epoch starts
     assert ones == fours and ones[1] == {} and sum(ones[0].values()) <= 1, (ones, fours)
     assert per_step[2].upstream > per_step[0].upstream  # the counter sees syncs: transformers' per forward
+
+
+def test_the_schedule_is_transformers_cosine_and_staging_holds_lora_at_zero(tmp_path, pretrained_tiny, extended_tiny):
+    """lr_multiplier is transformers' cosine_with_min_lr; with lora.embeddings_first_steps the LoRA group
+    stays at 0 for those steps and then runs its own warmup and decay, while the rows keep the whole run's."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from korcpt.model.load import load_model_and_tokenizer
+    from korcpt.model.lora import apply_lora
+    from korcpt.train.loop import build_optimizer, lr_multiplier
+
+    tok, shards = extended_tiny
+    cfg = load_config(run_config(tmp_path / "staged.yaml", tok, shards, tmp_path / "out",
+                                 model={"name": str(pretrained_tiny), "random_init": False},
+                                 lora={"embeddings": "new_tokens", "embedding_lr": 0.01, "embeddings_first_steps": 4},
+                                 train={"max_steps": 10, "warmup_steps": 2, "lr": 0.005}))
+    reference = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=2, num_training_steps=10,
+        min_lr_rate=cfg.train.min_lr_ratio).lr_lambdas[0]
+    assert [lr_multiplier(cfg, 10)(s) for s in range(12)] == pytest.approx([reference(s) for s in range(12)], abs=1e-12)
+
+    model, _, new_ids = load_model_and_tokenizer(cfg.model, torch.device("cpu"), cfg.train.seed)
+    optimizer, scheduler = build_optimizer(apply_lora(model, cfg.lora, new_ids, seed=3), cfg, total_steps=10)
+    lora, rows = [], []
+    for _ in range(10):
+        lora.append(optimizer.param_groups[0]["lr"])
+        rows.append(optimizer.param_groups[1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    later = lr_multiplier(cfg, 6)
+    assert lora == pytest.approx([0.0] * 4 + [0.005 * later(s) for s in range(6)], abs=1e-12)
+    assert lora[4] == 0.0 and lora[5] == pytest.approx(0.0025)  # LoRA's own warmup starts at step 4
+    assert rows == pytest.approx([0.01 * reference(s) for s in range(10)], abs=1e-12)
+
+
+def test_staging_needs_trainable_rows_and_fewer_steps_than_the_run(tmp_path, tiny_data):
+    from korcpt.errors import ConfigError
+
+    tok, shards = tiny_data
+    with pytest.raises(ConfigError, match="needs lora.embeddings new_tokens or full"):
+        load_config(run_config(tmp_path / "a.yaml", tok, shards, tmp_path / "o", lora={"embeddings_first_steps": 2}))
+    with pytest.raises(ConfigError, match=r"embeddings_first_steps \(6\) must be below train.max_steps \(6\)"):
+        load_config(run_config(tmp_path / "b.yaml", tok, shards, tmp_path / "o",
+                               lora={"embeddings": "full", "embeddings_first_steps": 6}))
