@@ -213,8 +213,8 @@ class _TreePeak:
         self.peak = max(self.peak, _tree_kib()) / 1024  # MiB
 
 
-def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
+def _cpu_s(who: int = resource.RUSAGE_SELF) -> float:
+    ru = resource.getrusage(who)
     return ru.ru_utime + ru.ru_stime
 
 
@@ -242,12 +242,13 @@ def child(what: str, spec: dict) -> dict:
         tokenizer = load_tokenizer(spec["tokenizer"])
         rss0 = peak_rss_mb()
         with _TreePeak() as tree:
-            t, c = time.perf_counter(), _cpu_s()
+            t, c, w = time.perf_counter(), _cpu_s(), _cpu_s(resource.RUSAGE_CHILDREN)
             m = write_shards(Path(spec["corpus"]), Path(spec["out"]),
                              ShardOptions(tokenizer=tokenizer, seq_len=spec["seq_len"], workers=spec["workers"]))
             seconds, cpu = time.perf_counter() - t, _cpu_s() - c
+            cpu_workers = _cpu_s(resource.RUSAGE_CHILDREN) - w  # the encoder's workers, reaped by now
         counts = m["counts"]
-        return {"seconds": seconds, "cpu_main_s": cpu, "dtype": m["dtype"], "shards": len(m["shards"]),
+        return {"seconds": seconds, "cpu_main_s": cpu, "cpu_workers_s": cpu_workers, "dtype": m["dtype"], "shards": len(m["shards"]),
                 "tokens": counts["train"]["tokens"] + counts["val"]["tokens"],
                 "documents": counts["train"]["documents"] + counts["val"]["documents"],
                 "skipped": counts["skipped_documents"], "train_sequences": counts["train"]["sequences"],
@@ -256,26 +257,28 @@ def child(what: str, spec: dict) -> dict:
         from korcpt.shards.encode import load_pack_tokenizer
 
         backend = load_pack_tokenizer(load_tokenizer(spec["tokenizer"])).backend
-        seconds, tokens, docs = 0.0, 0, 0
+        seconds, cpu, tokens, docs, limit = 0.0, 0.0, 0, 0, spec.get("limit") or float("inf")
 
         def run(batch: list[str]) -> None:
-            nonlocal seconds, tokens, docs
-            t = time.perf_counter()
+            nonlocal seconds, cpu, tokens, docs
+            t, c = time.perf_counter(), _cpu_s()  # the tokenizer's threads count in this process
             encodings = backend.encode_batch(batch, add_special_tokens=False)
-            seconds += time.perf_counter() - t
+            seconds, cpu = seconds + time.perf_counter() - t, cpu + _cpu_s() - c
             tokens += sum(len(e.ids) for e in encodings) + 2 * len(batch)  # + <bos>, <eos> as the shards count
             docs += len(batch)
 
         batch: list[str] = []
         with _TreePeak() as tree, open(spec["corpus"], encoding="utf-8") as f:
             for line in f:
+                if docs + len(batch) >= limit:
+                    break
                 batch.append(json.loads(line)["text"])
-                if len(batch) == 1024:
+                if len(batch) == 1024 or docs + len(batch) >= limit:
                     run(batch)
                     batch = []
             if batch:
                 run(batch)
-        return {"seconds": seconds, "tokens": tokens, "documents": docs, "rss_main_mib": peak_rss_mb(),
+        return {"seconds": seconds, "cpu_s": cpu, "tokens": tokens, "documents": docs, "rss_main_mib": peak_rss_mb(),
                 "rss_tree_mib": tree.peak}
     if what == "reader":
         return _reader(spec)
@@ -347,7 +350,7 @@ def measure(scale: int, args: argparse.Namespace) -> dict:
     r["corpus_mib"] = corpus.stat().st_size / 2**20
     common = {"corpus": str(corpus), "out": str(work / "shards"), "tokenizer": args.tokenizer}
     r["shards"] = run_child("shards", {**common, "seq_len": args.seq_len, "workers": args.workers})
-    r["bare"] = run_child("bare", common)
+    r["bare"] = run_child("bare", {**common, "limit": args.bare_docs})
     r["reader"] = run_child("reader", common)
     r["shards_mib"] = sum(p.stat().st_size for p in (work / "shards").rglob("*") if p.is_file()) / 2**20
     if not args.keep:
@@ -381,8 +384,14 @@ def print_report(results: list[dict], args: argparse.Namespace, wall: float) -> 
               f"{r['shards_mib']:,.0f} MiB ({s['shards']} files, {s['dtype']}); corpus lines {c['distribution']}")
         print(f"     corpus {c['lines'] / c['seconds']:,.0f} docs/s, {c['lines'] / c['cpu_main_s']:,.0f} docs/CPU-s of "
               f"the main process; shards {s['tokens'] / s['seconds']:,.0f} tok/s, {s['documents']:,} documents "
-              f"({s['skipped']} skipped); bare encode_batch {b['tokens']:,} tokens in {b['seconds']:.1f} s "
-              f"({'equal to' if b['tokens'] == s['tokens'] else 'DIFFERENT from'} the shards' count)")
+              f"({s['skipped']} skipped), CPU s main {s['cpu_main_s']:.0f} + workers {s['cpu_workers_s']:.0f}")
+        shard_cpu = s["tokens"] / (s["cpu_main_s"] + s["cpu_workers_s"])
+        same = (f"equal to the shards' count" if b["tokens"] == s["tokens"] else
+                f"the first {b['documents']:,} documents only (--bare-docs)" if b["documents"] < s["documents"]
+                else "DIFFERENT from the shards' count")
+        print(f"     bare encode_batch {b['tokens']:,} tokens ({same}) in {b['seconds']:.1f} s, {b['cpu_s']:.0f} CPU s; "
+              f"tokens/CPU-s shards {shard_cpu:,.0f}, bare {b['tokens'] / b['cpu_s']:,.0f}, "
+              f"ratio {shard_cpu / (b['tokens'] / b['cpu_s']):.2f}")
         print(f"     peak MiB, main RSS/with workers: corpus {c['rss_main_mib']:.0f}/{c['rss_tree_mib']:.0f} "
               f"(main at start {c['rss_start_mib']:.0f}), shards {s['rss_main_mib']:.0f}/{s['rss_tree_mib']:.0f} "
               f"(main with the tokenizer loaded {s['rss_start_mib']:.0f}), bare {b['rss_main_mib']:.0f}, reader "
@@ -417,6 +426,8 @@ def main() -> int:
     ap.add_argument("--tokenizer", default="gemma3-270m", help="tokenizer preset or directory (default gemma3-270m)")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=2, help="corpus and shard worker processes (default 2)")
+    ap.add_argument("--bare-docs", type=int, default=0,
+                    help="time the bare tokenizer on the corpus's first N documents only (default 0: all)")
     ap.add_argument("--smoke", action="store_true", help="300 documents at 1x and 2x, seq_len 128, tiny-ko unless --tokenizer (for the test)")
     ap.add_argument("--keep", action="store_true", help="keep each scale's files under --workdir")
     ap.add_argument("--child", help=argparse.SUPPRESS)
