@@ -156,7 +156,8 @@ def make_inputs(dest: Path, docs: int, seed: int = 0) -> dict[str, Path]:
         for i in range(counts["mcq"]):
             options = rng.sample(terms, 5)
             answer = rng.randrange(5)
-            rec = {"question": window(120).replace("\n", " ")[:240] + f"\n위 글과 관련된 의학 용어는? (문항 {i})",
+            question = window(120).replace("\n", " ")[:240] + f"\n위 글과 관련된 의학 용어는? (문항 {i})"
+            rec = {"question": question,
                    **{letter: (f"{k}({e})" if e else k) for letter, (e, k) in zip("ABCDE", options)},
                    "answer": answer + 1}
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -166,8 +167,9 @@ def make_inputs(dest: Path, docs: int, seed: int = 0) -> dict[str, Path]:
 # ---------------------------------------------------------------- children (one measurement each)
 
 
-def _tree_kib() -> int:
-    """This process's RSS plus the private memory (USS) of all its descendants (pool workers), KiB.
+def _tree_kib() -> tuple[int, int]:
+    """This process's RSS plus the private memory (USS) of all its descendants (pool workers), KiB,
+    and of that the descendants' private clean pages (file pages only they map: the reader's memmaps).
 
     Private memory for the workers: forked workers share the parent's pages (the Gemma tokenizer
     alone is ~0.5 GiB), which a sum of RSS would count once per process.
@@ -181,36 +183,46 @@ def _tree_kib() -> int:
         except (OSError, ValueError, IndexError):
             pass
     me = os.getpid()
-    total, todo = 0, [me]
+    total, clean, todo = 0, 0, [me]
     while todo:
         pid = todo.pop()
         todo += kids.get(pid, [])
-        keys = ("Rss:",) if pid == me else ("Private_Clean:", "Private_Dirty:")
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += sum(int(line.split()[1]) for line in f if line.startswith(keys))
-        except OSError:
-            pass
-    return total
+                fields = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f if ":" in line[:20])}
+        except (OSError, ValueError):
+            continue
+        if pid == me:
+            total += fields.get("Rss", 0)
+        else:
+            total += fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+            clean += fields.get("Private_Clean", 0)
+    return total, clean
 
 
 class _TreePeak:
     """Samples :func:`_tree_kib` every 100 ms while it is entered; ``peak`` in MiB after."""
 
     def __enter__(self):
-        self.peak, self._done = 0, threading.Event()
+        self.peak, self.clean, self._done = 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._done.wait(0.1):
-            self.peak = max(self.peak, _tree_kib())
+            self._sample()
+
+    def _sample(self) -> None:
+        total, clean = _tree_kib()
+        if total > self.peak:  # the workers' clean pages at the moment of the peak
+            self.peak, self.clean = total, clean
 
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
-        self.peak = max(self.peak, _tree_kib()) / 1024  # MiB
+        self._sample()
+        self.peak, self.clean = self.peak / 1024, self.clean / 1024  # MiB
 
 
 def _cpu_s(who: int = resource.RUSAGE_SELF) -> float:
@@ -233,7 +245,8 @@ def child(what: str, spec: dict) -> dict:
             seconds, cpu = time.perf_counter() - t, _cpu_s() - c
         return {"seconds": seconds, "cpu_main_s": cpu, "lines": report["output"]["lines"],
                 "distribution": {r["source"]: r["final"] for r in report["distribution"]},
-                "rss_start_mib": rss0, "rss_main_mib": peak_rss_mb(), "rss_tree_mib": tree.peak}
+                "rss_start_mib": rss0, "rss_main_mib": peak_rss_mb(), "rss_tree_mib": tree.peak,
+                "tree_workers_clean_mib": tree.clean}
     from korcpt.assets import load_tokenizer
 
     if what == "shards":
@@ -248,11 +261,13 @@ def child(what: str, spec: dict) -> dict:
             seconds, cpu = time.perf_counter() - t, _cpu_s() - c
             cpu_workers = _cpu_s(resource.RUSAGE_CHILDREN) - w  # the encoder's workers, reaped by now
         counts = m["counts"]
-        return {"seconds": seconds, "cpu_main_s": cpu, "cpu_workers_s": cpu_workers, "dtype": m["dtype"], "shards": len(m["shards"]),
+        return {"seconds": seconds, "cpu_main_s": cpu, "cpu_workers_s": cpu_workers, "dtype": m["dtype"],
+                "shards": len(m["shards"]),
                 "tokens": counts["train"]["tokens"] + counts["val"]["tokens"],
                 "documents": counts["train"]["documents"] + counts["val"]["documents"],
                 "skipped": counts["skipped_documents"], "train_sequences": counts["train"]["sequences"],
-                "rss_start_mib": rss0, "rss_main_mib": peak_rss_mb(), "rss_tree_mib": tree.peak}
+                "rss_start_mib": rss0, "rss_main_mib": peak_rss_mb(), "rss_tree_mib": tree.peak,
+                "tree_workers_clean_mib": tree.clean}
     if what == "bare":
         from korcpt.shards.encode import load_pack_tokenizer
 
@@ -279,7 +294,8 @@ def child(what: str, spec: dict) -> dict:
             if batch:
                 run(batch)
         return {"seconds": seconds, "cpu_s": cpu, "tokens": tokens, "documents": docs, "rss_main_mib": peak_rss_mb(),
-                "rss_tree_mib": tree.peak}
+                "rss_tree_mib": tree.peak,
+                "tree_workers_clean_mib": tree.clean}
     if what == "reader":
         return _reader(spec)
     raise ValueError(what)
@@ -316,7 +332,8 @@ def _reader(spec: dict) -> dict:
     permutation = bool(order_ok and once == n - tail and (seen == 1).all())
     return {"ranks": ranks, "sequences": n, "tail": tail, "read_once": once, "order_ok": order_ok,
             "permutation": permutation, "seq_len": seq_len, "rss_main_mib": peak_rss_mb(),
-            "anon_rss_mib": anon_rss_mb(), "rss_tree_mib": tree.peak}
+            "anon_rss_mib": anon_rss_mb(), "rss_tree_mib": tree.peak,
+                "tree_workers_clean_mib": tree.clean}
 
 
 def run_child(what: str, spec: dict) -> dict:
@@ -386,16 +403,19 @@ def print_report(results: list[dict], args: argparse.Namespace, wall: float) -> 
               f"the main process; shards {s['tokens'] / s['seconds']:,.0f} tok/s, {s['documents']:,} documents "
               f"({s['skipped']} skipped), CPU s main {s['cpu_main_s']:.0f} + workers {s['cpu_workers_s']:.0f}")
         shard_cpu = s["tokens"] / (s["cpu_main_s"] + s["cpu_workers_s"])
-        same = (f"equal to the shards' count" if b["tokens"] == s["tokens"] else
+        same = ("equal to the shards' count" if b["tokens"] == s["tokens"] else
                 f"the first {b['documents']:,} documents only (--bare-docs)" if b["documents"] < s["documents"]
                 else "DIFFERENT from the shards' count")
-        print(f"     bare encode_batch {b['tokens']:,} tokens ({same}) in {b['seconds']:.1f} s, {b['cpu_s']:.0f} CPU s; "
+        print(f"     bare encode_batch {b['tokens']:,} tokens ({same}) in {b['seconds']:.1f} s, "
+              f"{b['cpu_s']:.0f} CPU s; "
               f"tokens/CPU-s shards {shard_cpu:,.0f}, bare {b['tokens'] / b['cpu_s']:,.0f}, "
               f"ratio {shard_cpu / (b['tokens'] / b['cpu_s']):.2f}")
         print(f"     peak MiB, main RSS/with workers: corpus {c['rss_main_mib']:.0f}/{c['rss_tree_mib']:.0f} "
               f"(main at start {c['rss_start_mib']:.0f}), shards {s['rss_main_mib']:.0f}/{s['rss_tree_mib']:.0f} "
               f"(main with the tokenizer loaded {s['rss_start_mib']:.0f}), bare {b['rss_main_mib']:.0f}, reader "
-              f"{rd['rss_main_mib']:.0f}/{rd['rss_tree_mib']:.0f} (anonymous at end {rd['anon_rss_mib']:.0f})")
+              f"{rd['rss_main_mib']:.0f}/{rd['rss_tree_mib']:.0f} (anonymous at end {rd['anon_rss_mib']:.0f}; "
+              f"the workers' "
+              f"clean file pages of the memory map {rd['tree_workers_clean_mib']:.0f})")
         print(f"     reader: {WORLD} ranks x {WORKERS} DataLoader workers, batch {LOADER_BATCH}, one rank after "
               f"another: seq/s per rank {min(per_rank):.1f} to {max(per_rank):.1f} "
               f"(tok/s {min(per_rank) * rd['seq_len']:,.0f} to {max(per_rank) * rd['seq_len']:,.0f}); epoch "
@@ -413,7 +433,8 @@ def print_report(results: list[dict], args: argparse.Namespace, wall: float) -> 
               f"{hi['reader']['rss_tree_mib'] / lo['reader']['rss_tree_mib']:.2f}")
     rows = [HEADER] + [_row(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    print("\nRSS columns: peak MiB of the main process's RSS / of its RSS plus its workers' private memory; ratio = shard tok/s / bare tok/s")
+    print("\nRSS columns: peak MiB of the main process's RSS / of its RSS plus its workers' private memory; "
+          "ratio = shard tok/s / bare tok/s")
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
 
@@ -428,15 +449,21 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="corpus and shard worker processes (default 2)")
     ap.add_argument("--bare-docs", type=int, default=0,
                     help="time the bare tokenizer on the corpus's first N documents only (default 0: all)")
-    ap.add_argument("--smoke", action="store_true", help="300 documents at 1x and 2x, seq_len 128, tiny-ko unless --tokenizer (for the test)")
+    ap.add_argument("--smoke", action="store_true", 
+                    help="300 documents at 1x and 2x, seq_len 128, tiny-ko unless --tokenizer (for the test)")
     ap.add_argument("--keep", action="store_true", help="keep each scale's files under --workdir")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, json.loads(args.spec))))
+        spec = json.loads(args.spec)
+        result = child(args.child, spec)
+        with open(Path(spec["out"]).parents[1] / "results.jsonl", "a") as f:  # WORKDIR/results.jsonl: every figure
+            f.write(json.dumps({"stage": args.child, **spec, **result}) + "\n")
+        print(json.dumps(result))
         return 0
-    missing = [p for p in ("plain", "namu/namuwiki_sample.json", "medical/medical_terms_ko.txt") if not (DATA / p).exists()]
+    needed = ("plain", "namu/namuwiki_sample.json", "medical/medical_terms_ko.txt")
+    missing = [p for p in needed if not (DATA / p).exists()]
     if missing:
         print(f"skipped: the real sample data is absent ({', '.join(str(DATA / p) for p in missing)}); it lives "
               "beside the checkout")

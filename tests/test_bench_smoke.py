@@ -4,6 +4,7 @@ bench/bench_scale.py: its smoke run prints its table last, the epoch a permutati
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -61,8 +62,8 @@ def test_scale_bench_smoke_prints_the_table_last(tmp_path):
     if not (ROOT.parent / "shared" / "data" / "plain").is_dir():
         pytest.skip("the real sample data ../shared/data is absent (it lives beside the checkout)")
     env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--smoke", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--smoke", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     lines = proc.stdout.strip().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("scale ") and "permutation ok" in line)
@@ -73,4 +74,7 @@ def test_scale_bench_smoke_prints_the_table_last(tmp_path):
         assert int(cols[2].replace(",", "")) > 0 and float(cols[9]) > 0 and float(cols[10]) > 0, cols
         assert cols[-1] == "yes", cols  # the epoch was read as a permutation, each sequence once
     assert "(equal to the shards' count)" in proc.stdout  # bare tokenizer and shards counted the same tokens
-    assert not any(tmp_path.iterdir())  # each scale's files are deleted once measured
+    # each scale's files are deleted once measured; every stage's figures stay in results.jsonl
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert stages == ["corpus", "shards", "bare", "reader"] * 2, stages
