@@ -1,12 +1,16 @@
-"""bench/gpu.py: the CPU smoke run prints its table last, and the FLOP count matches the architecture."""
+"""bench/gpu.py: the CPU smoke run prints its table last, and the FLOP count matches the architecture;
+bench/bench_scale.py: its smoke run prints its table last, the epoch a permutation."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,3 +56,25 @@ def test_flops_per_token_of_medgemma_4b_by_hand():
     assert abs(f["attention_fwd"] - attn) < 1e-6 * attn
     expected = 4 * f["n_frozen"] + 6 * f["n_lora"] + 2 * 20_594 * h + 3 * attn
     assert abs(f["total"] - expected) < 1e-9 * expected
+
+
+def test_scale_bench_smoke_prints_the_table_last(tmp_path):
+    if not (ROOT.parent / "shared" / "data" / "plain").is_dir():
+        pytest.skip("the real sample data ../shared/data is absent (it lives beside the checkout)")
+    env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--smoke", "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("scale ") and "permutation ok" in line)
+    rows = [line.split() for line in lines[header + 1:]]
+    assert [r[0] for r in rows] == ["1x", "2x"], lines[header:]
+    for cols in rows:
+        assert int(cols[1].replace(",", "")) == {"1x": 300, "2x": 600}[cols[0]], cols  # corpus documents
+        assert int(cols[2].replace(",", "")) > 0 and float(cols[9]) > 0 and float(cols[10]) > 0, cols
+        assert cols[-1] == "yes", cols  # the epoch was read as a permutation, each sequence once
+    assert "(equal to the shards' count)" in proc.stdout  # bare tokenizer and shards counted the same tokens
+    # each scale's files are deleted once measured; every stage's figures stay in results.jsonl
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert stages == ["corpus", "shards", "bare", "reader"] * 2, stages
