@@ -248,3 +248,68 @@ def test_validation_files_become_val_documents_for_the_shard_stage(sources, tmp_
     with pytest.raises(DataError, match="val.jsonl:2"):
         write_val_documents([val], tmp_path / "again.jsonl")
     assert not list(tmp_path.glob("*again.jsonl*"))  # nothing half-written
+
+
+# Digest of the fixture's corpus as build.py wrote it before the shuffle's memory was bounded
+# (commit 02ad3f2): the output must stay byte-identical for the same inputs and seed.
+PINNED_SHA256 = "65926a3e23d8941cfbe185be1511b308ba5b50da91eff34c49eb5506e0ad55e7"
+
+
+def test_output_is_byte_identical_to_the_pre_bounded_memory_code(sources, tmp_path, monkeypatch):
+    import korcpt.corpus.build as build
+
+    build_corpus(_opts(sources, workers=1), tmp_path / "a")
+    assert _sha(tmp_path / "a" / "raw_text_mixed.jsonl") == PINNED_SHA256
+    monkeypatch.setattr(build, "_CHUNK", 2)  # many slices: the same bytes
+    build_corpus(_opts(sources, workers=1), tmp_path / "b")
+    assert _sha(tmp_path / "b" / "raw_text_mixed.jsonl") == PINNED_SHA256
+
+
+def test_permutation_in_int32_is_numpys_permutation():
+    import numpy as np
+
+    from korcpt.corpus.build import _permutation
+
+    for n in (0, 1, 2, 17, 100_003):
+        for seed in (0, 42):
+            perm = _permutation(n, seed)
+            assert perm.dtype == np.int32
+            assert np.array_equal(perm, np.random.default_rng(seed).permutation(n))
+
+
+@pytest.mark.parametrize("max_samples", [0, 7, 10_000])
+def test_mixed_write_matches_the_whole_array_shuffle(tmp_path, monkeypatch, max_samples):
+    """_Spool + _write_mixed against the shuffle as it was written before (every line in one array),
+    over documents with duplicates, several sources and copies, in slices smaller than the data."""
+    import random
+
+    import numpy as np
+
+    import korcpt.corpus.build as build
+
+    rnd = random.Random(3)
+    docs = [(rnd.choice(build.SOURCES), f"문서 {rnd.randrange(60)} " + "가" * rnd.randrange(5)) for _ in range(300)]
+    copies = {"korean": 1, "mcq": 3, "medical_dict": 3, "char_dict": 3}
+    monkeypatch.setattr(build, "_CHUNK", 16)
+    spool = build._Spool(tmp_path / "spool", copies)
+    with spool.file:
+        for source, text in docs:
+            spool.add(text, source)
+    counts = {s: build.SourceCounts(kept=sum(d[0] == s for d in docs)) for s in build.SOURCES}
+    opts = CorpusOptions(korean=[tmp_path], seed=5, max_samples=max_samples)
+    lines, final = build._write_mixed(spool, tmp_path / "out.jsonl", opts, counts)
+
+    seen, kept = set(), []  # the reference: first copy of each (source, text), repeated, permuted
+    for source, text in docs:
+        if (source, text) not in seen:
+            seen.add((source, text))
+            kept.append((source, text))
+    index = np.repeat(np.arange(len(kept)), [copies[s] for s, _ in kept])
+    order = index[np.random.default_rng(5).permutation(index.size)]
+    order = order[:max_samples] if max_samples else order
+    expected = [json.dumps({"text": kept[k][1], "source": kept[k][0]}, ensure_ascii=False) for k in order.tolist()]
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == "".join(line + "\n" for line in expected)
+    assert lines == len(expected)
+    assert final == {s: sum(kept[k][0] == s for k in order.tolist()) for s in build.SOURCES}
+    assert {s: c.kept for s, c in counts.items()} == {s: sum(k[0] == s for k in kept) for s in build.SOURCES}
+    assert sum(c.dropped["duplicate"] for c in counts.values()) == len(docs) - len(kept)

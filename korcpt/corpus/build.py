@@ -60,6 +60,7 @@ REPORT_NAME = "report.json"
 MAX_LISTED_REJECTS = 20
 MIN_EXCLUDE_CHARS = 20
 _BATCH = 64  # Korean records per task sent to a worker
+_CHUNK = 1 << 16  # documents or lines per numpy slice at the end (bounded temporaries)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 log = get_logger(__name__)
@@ -290,45 +291,51 @@ class SourceCounts:
 
 
 class _Spool:
-    """Kept documents as final JSON lines in one file; in memory 41 bytes each.
+    """Kept documents as final JSON lines in one file; in memory 17 bytes each.
 
-    Per document: offset, length, copies, an 8-byte hash of (source, text) for the duplicate check
-    and the source id. Duplicates are found once at the end (:meth:`duplicates`) instead of in a
-    Python set while reading, which would cost about 100 bytes per document more. Two different
-    documents share an 8-byte hash with probability about n^2 / 2^65 (1 in 3,000 for 10^8 documents).
+    Per document: where its line begins in the file (8 bytes; line k is bytes ``offsets[k]`` to
+    ``offsets[k + 1]``, the last offset is the file's end), an 8-byte hash of (source, text) for the duplicate check and the source id
+    (1 byte); copies are per source, not per document. Duplicates are found once at the end
+    (:meth:`duplicates`) instead of in a Python set while reading, which would cost about 100 bytes per
+    document more. Two different documents share an 8-byte hash with probability about n^2 / 2^65
+    (1 in 3,000 for 10^8 documents).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, copies: dict[str, int]):
         self.path = path
         self.file = open(path, "wb")
-        self.offsets = array("q")
-        self.lengths = array("q")
+        self.offsets = array("q", [0])
         self.sources = array("b")
-        self.copies = array("q")
         self.hashes = array("Q")
-        self.pos = 0
+        self.copies = [copies[s] for s in SOURCES]  # lines in the mix per document, by source id
 
-    def add(self, text: str, source: str, copies: int) -> None:
+    def add(self, text: str, source: str) -> None:
         line = (json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n").encode("utf-8")
         self.file.write(line)
-        self.offsets.append(self.pos)
-        self.lengths.append(len(line))
+        self.offsets.append(self.offsets[-1] + len(line))
         self.sources.append(SOURCES.index(source))
-        self.copies.append(copies)
         key = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=source.encode()[:16]).digest()
         self.hashes.append(int.from_bytes(key, "little"))
-        self.pos += len(line)
 
     def duplicates(self) -> np.ndarray:
-        """Mask of the documents that repeat an earlier one of the same source (the first is kept)."""
+        """Mask of the documents that repeat an earlier one of the same source (the first is kept).
+
+        Frees the hashes: this is their last use. The stage's peak: 8 bytes a document of
+        hashes, 8 of their sort order and up to 4 of the sort's buffer, on top of the 9 kept.
+        """
         hashes = np.frombuffer(self.hashes, dtype=np.uint64)
-        mask = np.ones(hashes.size, dtype=bool)
-        mask[np.unique(hashes, return_index=True)[1]] = False
+        order = np.argsort(hashes, kind="stable")  # equal hashes stay in document order: the first is kept
+        mask = np.zeros(hashes.size, dtype=bool)
+        for lo in range(0, max(hashes.size - 1, 0), _CHUNK):  # neighbours compared a slice at a time
+            run = order[lo: lo + _CHUNK + 1]
+            same = hashes[run[1:]] == hashes[run[:-1]]
+            mask[run[1:][same]] = True
+        self.hashes = array("Q")  # its memory goes when this view of it does, on return
         return mask
 
 
 def _consume(source: str, outcomes: Iterable[Outcome], counts: SourceCounts, spool: _Spool,
-             copies: int, strict: bool, bar=None) -> None:
+             strict: bool, bar=None) -> None:
     for outcome in outcomes:
         counts.read += 1
         if bar is not None:
@@ -344,7 +351,7 @@ def _consume(source: str, outcomes: Iterable[Outcome], counts: SourceCounts, spo
             counts.reject(where, NON_UTF8, detail, strict)
         else:
             counts.kept += 1  # until spool.duplicates() says otherwise
-            spool.add(outcome[2], source, copies)
+            spool.add(outcome[2], source)
 
 
 def _records(paths: list[Path]) -> Iterator[Record | Rejected]:
@@ -447,18 +454,19 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
         n = write_val_documents(val_inputs, out_dir / VAL_NAME)
         log.info("validation: %d documents in %s", n, out_dir / VAL_NAME)
     counts = {s: SourceCounts(files=[str(p) for p in inputs[s]]) for s in SOURCES}
-    spool = _Spool(out_dir / f".{OUTPUT_NAME}.spool")
+    copies = {s: opts.medical_multiplier if s in MEDICAL_SOURCES else 1 for s in SOURCES}
+    spool = _Spool(out_dir / f".{OUTPUT_NAME}.spool", copies)
     try:
         with spool.file:
             for source in MEDICAL_SOURCES:
                 if inputs[source]:
                     outcomes = (_rejected_outcome(r) if isinstance(r, Rejected) else _medical_outcome(source, r, exclude)
                                 for r in _records(inputs[source]))
-                    _consume(source, outcomes, counts[source], spool, opts.medical_multiplier, opts.strict)
+                    _consume(source, outcomes, counts[source], spool, opts.strict)
             if inputs["korean"]:
                 with progress(desc="korean", unit="doc", disable=not opts.progress) as bar:
                     _consume("korean", _korean_outcomes(korean, opts, exclude), counts["korean"],
-                             spool, 1, opts.strict, bar)
+                             spool, opts.strict, bar)
         lines, final = _write_mixed(spool, out_dir / OUTPUT_NAME, opts, counts)
     finally:
         spool.path.unlink(missing_ok=True)
@@ -483,32 +491,52 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
     return report
 
 
+def _permutation(n: int, seed: int) -> np.ndarray:
+    """``numpy.random.default_rng(seed).permutation(n)``, in int32 when ``n`` fits: half the memory.
+
+    ``Generator.permutation(n)`` shuffles ``arange(n)`` in place, and the shuffle's draws depend on
+    ``n`` only, not on the dtype, so the values are the same (tests/test_corpus_build.py checks it).
+    """
+    perm = np.arange(n, dtype=np.int32 if n <= np.iinfo(np.int32).max else np.int64)
+    np.random.default_rng(seed).shuffle(perm)
+    return perm
+
+
+def _copy_lines(fd: int, out, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Copy the spool's bytes ``starts[i]:ends[i]`` to ``out``, in order."""
+    # pread, not mmap: mapped pages of the spool would count in this process's RSS
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        out.write(os.pread(fd, b - a, a))
+
+
 def _write_mixed(spool: _Spool, out_path: Path, opts: CorpusOptions,
                  counts: dict[str, SourceCounts]) -> tuple[int, dict[str, int]]:
     sources = np.frombuffer(spool.sources, dtype=np.int8)
-    copies = np.array(spool.copies, dtype=np.int64)
     duplicate = spool.duplicates()
-    copies[duplicate] = 0
     for i, n in enumerate(np.bincount(sources[duplicate], minlength=len(SOURCES)).tolist()):
         counts[SOURCES[i]].kept -= n
         counts[SOURCES[i]].dropped[DUPLICATE] += n
+    copies = np.asarray(spool.copies, dtype=np.int64)[sources]
+    copies[duplicate] = 0
+    del duplicate
     if not copies.any():
         raise DataError("no document survived cleaning and filtering: see the drop counts in the inputs "
                         "(too short? set min_chars lower) or pass more input")
-    # Document k of the spool appears copies[k] times; index[j] says which document line j copies.
-    index = np.repeat(np.arange(copies.size, dtype=np.int64), copies)
-    order = index[np.random.default_rng(opts.seed).permutation(index.size)]
+    # Document k appears copies[k] times: line p of the unshuffled mix is a copy of the first document
+    # whose running total of copies exceeds p. Searched for per slice of the permutation, so that no
+    # array of lines other than the permutation itself is ever built.
+    ends = np.cumsum(copies, out=copies)
+    order = _permutation(int(ends[-1]), opts.seed)
     if opts.max_samples:
         order = order[: opts.max_samples]
     offsets = np.frombuffer(spool.offsets, dtype=np.int64)
-    lengths = np.frombuffer(spool.lengths, dtype=np.int64)
-    per_source = np.bincount(sources[order], minlength=len(SOURCES))
-    final = {s: int(per_source[i]) for i, s in enumerate(SOURCES)}
+    per_source = np.zeros(len(SOURCES), dtype=np.int64)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    # pread, not mmap: mapped pages of the spool would count in this process's RSS
     with open(spool.path, "rb") as f, open(tmp, "wb") as out:
-        fd = f.fileno()
-        for k in order.tolist():
-            out.write(os.pread(fd, int(lengths[k]), int(offsets[k])))
+        for lo in range(0, order.size, _CHUNK):
+            docs = np.searchsorted(ends, order[lo: lo + _CHUNK], side="right")
+            per_source += np.bincount(sources[docs], minlength=len(SOURCES))
+            _copy_lines(f.fileno(), out, offsets[docs], offsets[docs + 1])
     os.replace(tmp, out_path)
+    final = {s: int(per_source[i]) for i, s in enumerate(SOURCES)}
     return int(order.size), final
