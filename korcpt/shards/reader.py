@@ -5,7 +5,8 @@ Mental model::
     open_shards(DIR, "train")        manifest checked against the run (version, dtype, seq_len, tokenizer),
          │                           every shard's size (and SHA-256) checked, paths kept inside DIR
          v
-    ShardSet.window(i)               the seq_len + 1 tokens of global sequence i (np.memmap, opened on use)
+    ShardSet.window(i)               the seq_len + 1 tokens of global sequence i (np.memmap, opened on use;
+         │                           the document indexes are memory-mapped too)
          │
     SequenceStream(seed, rank, world_size)
          epoch order  = permute(position p) for p in range(n)   (pure function of seed, epoch, n)
@@ -155,7 +156,9 @@ class ShardSet:
         if k not in self._indexes:
             path = self._index_paths[k]
             try:
-                index = np.load(path, allow_pickle=False)
+                # mapped, not loaded: the pages are the file's, shared by every DataLoader worker and
+                # reclaimable, rather than a private copy (32 bytes a document) in each worker
+                index = np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
             except (OSError, ValueError) as exc:
                 raise DataError(f"{path}: unreadable document index ({exc})") from None
             tokens = self.entries[k]["tokens"]
