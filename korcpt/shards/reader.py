@@ -273,7 +273,27 @@ def check_run(manifest: dict, where: Path | str, tokenizer_fingerprint: str | No
                         f"{tokenizer_fingerprint} (the run's tokenizer); these shards were built with another tokenizer")
 
 
-class SequenceStream(IterableDataset):
+class EpochPosition:
+    """Where a stream stands: ``epoch`` and the global positions ``consumed`` in it (all ranks together),
+    bounded by the stream's ``epoch_length``; shared by the memmap and the webdataset streams."""
+
+    epoch: int
+    consumed: int
+    epoch_length: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first position."""
+        self.epoch, self.consumed = int(epoch), 0
+
+    def advance(self, n_global: int) -> None:
+        """Record that ``n_global`` more global positions were consumed (by all ranks together)."""
+        if n_global < 0 or self.consumed + n_global > self.epoch_length:
+            raise TrainingError(f"advance({n_global}) from {self.consumed}: expected a total within "
+                                f"[0, {self.epoch_length}] positions of this epoch")
+        self.consumed += n_global
+
+
+class SequenceStream(EpochPosition, IterableDataset):
     """A resumable, rank- and worker-sharded stream of one epoch of a :class:`ShardSet`.
 
     Args:
@@ -323,17 +343,6 @@ class SequenceStream(IterableDataset):
         """Global positions in an epoch: ``num_sequences``, or ``limit`` when smaller."""
         n = self.shards.num_sequences
         return min(self.limit, n) if self.limit else n
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its first position."""
-        self.epoch, self.consumed = int(epoch), 0
-
-    def advance(self, n_global: int) -> None:
-        """Record that ``n_global`` more global positions were consumed (by all ranks together)."""
-        if n_global < 0 or self.consumed + n_global > self.epoch_length:
-            raise TrainingError(f"advance({n_global}) from {self.consumed}: expected a total within "
-                                f"[0, {self.epoch_length}] positions of this epoch")
-        self.consumed += n_global
 
     def state_dict(self) -> dict[str, int]:
         """``{"seed", "epoch", "consumed", "num_sequences"}``: where the next iteration starts."""

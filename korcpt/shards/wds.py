@@ -66,7 +66,7 @@ from korcpt.errors import DataError, TrainingError
 from korcpt.log import get_logger
 from korcpt.shards.format import DTYPES, IDX_SOURCE, SPLITS, parse_manifest
 from korcpt.shards.order import permute
-from korcpt.shards.reader import ShardSet, check_run, make_sample
+from korcpt.shards.reader import EpochPosition, ShardSet, check_run, make_sample
 
 log = get_logger(__name__)
 
@@ -417,7 +417,7 @@ def _key(seed: int, *parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(json.dumps([seed, *parts]).encode(), digest_size=8).digest(), "little")
 
 
-class WebDatasetStream(IterableDataset):
+class WebDatasetStream(EpochPosition, IterableDataset):
     """A resumable stream of one epoch of :class:`TarShards`, each tar read by one (rank, worker) only.
 
     Args:
@@ -448,15 +448,6 @@ class WebDatasetStream(IterableDataset):
     def epoch_length(self) -> int:
         """Global positions in an epoch: ``readers * quota``."""
         return self.readers * self.quota
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.consumed = int(epoch), 0
-
-    def advance(self, n_global: int) -> None:
-        if n_global < 0 or self.consumed + n_global > self.epoch_length:
-            raise TrainingError(f"advance({n_global}) from {self.consumed}: expected a total within "
-                                f"[0, {self.epoch_length}] positions of this epoch")
-        self.consumed += n_global
 
     def state_dict(self) -> dict[str, int]:
         """``{"seed", "epoch", "consumed", "num_sequences", "readers"}``: where the next iteration starts."""
