@@ -45,6 +45,9 @@ class ModelConfig:
     name: str = "gemma3-270m"
     # Tokenizer directory or preset (the seed's --tokenizer-path); empty means the model's own.
     tokenizer: str = ""
+    # Directory of distilled new-token rows (tools/distill_rows.py) for an extended tokenizer: the new
+    # tokens' input rows and untied output rows start from it instead of the mean of their pieces.
+    new_rows: str = ""
     # Build the model from its config with random weights (tests, benchmarks); vocab size follows the tokenizer.
     random_init: bool = False
     # Parameter dtype: auto is bfloat16 on CUDA and float32 on CPU.
@@ -403,6 +406,9 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         f"lora.target_modules must be 'all-linear' or a list of module names, found {tm!r}",
     )
     need(bool(m.name), "model.name must name a preset, directory, hub id or file")
+    need(not m.new_rows or (m.tokenizer and lo.embeddings != "frozen"),
+         "model.new_rows holds rows of an extended tokenizer's new tokens: it needs model.tokenizer and "
+         "lora.embeddings new_tokens or full (frozen rows would not be saved with the adapter)")
     need(m.device in ("", "cpu", "cuda", "mps") or m.device.startswith("cuda:"),
          f"model.device must be cpu, cuda or cuda:N, found {m.device!r}")
     for key, value in (("eval.steps", e.steps), ("eval.max_val_sequences", e.max_val_sequences),
@@ -427,6 +433,9 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
     for key, value in (("eval.mcq_file", e.mcq_file), ("eval.mcq_fewshot_file", e.mcq_fewshot_file)):
         if value:
             need(resolve_path(cfg, value).is_file(), f"{key}: file not found: {value}")
+    if m.new_rows:
+        need((resolve_path(cfg, m.new_rows) / "rows.safetensors").is_file(),
+             f"model.new_rows: no rows.safetensors in {m.new_rows} (write it with tools/distill_rows.py --out {m.new_rows})")
     return p
 
 

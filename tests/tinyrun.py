@@ -118,7 +118,7 @@ def initial_adapter(cfg_path: Path) -> dict:
 
     cfg = load_config(cfg_path)
     model, _, new_ids = load_model_and_tokenizer(cfg.model, torch.device("cpu"), cfg.train.seed)
-    state, _ = adapter_state(apply_lora(model, cfg.lora, new_ids, seed=cfg.train.seed), cfg)
+    state, _, _ = adapter_state(apply_lora(model, cfg.lora, new_ids, seed=cfg.train.seed), cfg)
     return state
 
 

@@ -4,7 +4,7 @@
 
 The base is grown to the adapter's tokenizer (ADAPTER/tokenizer) exactly as training grew it, the
 LoRA weights are folded into the linear layers and the trained embedding rows written into the
-(tied) embedding; the tokenizer is saved beside the model.
+(tied) embedding; untied output rows (model.new_rows) get a head of their own; the tokenizer is saved beside the model.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from korcpt.eval.loading import load_for_eval
+    from korcpt.eval.loading import load_for_eval, merge_adapter
 
     model, tokenizer = load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype)
-    merged = model.merge_and_unload()
+    merged = merge_adapter(model)
     args.out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)

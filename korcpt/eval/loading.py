@@ -73,3 +73,21 @@ def load_for_eval(model: str, *, adapter: str | Path | None = None, tokenizer: s
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load adapter {adapter} onto {model}: {str(exc).splitlines()[0]}") from None
     return base.to(dev).eval(), tok_obj
+
+
+def merge_adapter(model):
+    """``model`` (a PeftModel from :func:`load_for_eval`) with LoRA folded into the linears and trained rows
+    written into the embedding: a plain transformers model. Output rows of their own (``model.new_rows``,
+    PEFT trainable tokens of the head) need a head of its own: the base's tied head is untied first
+    (``tie_word_embeddings: false``), or merging them would overwrite the input rows in the shared weight."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    adapter = getattr(head, "token_adapter", None)
+    if isinstance(adapter, TrainableTokensLayer) and adapter.tied_adapter is None:
+        linear = adapter.base_layer  # the base's weight, shared with the embedding: a copy of its own
+        linear.weight = torch.nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    return model.merge_and_unload()

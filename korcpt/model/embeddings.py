@@ -21,14 +21,19 @@ then partitions the new, larger parameter like any other.
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from korcpt.assets import replace_dir, staging_dir
 from korcpt.errors import ModelError
 from korcpt.log import get_logger
 
 log = get_logger(__name__)
+
+ROWS_FILE = "rows.safetensors"
 
 
 def new_token_ids(base_vocab_size: int, tokenizer) -> list[int]:
@@ -137,3 +142,62 @@ def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_mult
     log.info("vocabulary %d -> %d rows: %d new tokens initialised from their base pieces, %d padding rows",
              old_rows, target, len(new_ids), len(pad_ids))
     return new_ids
+
+
+# ---------------------------------------------------------------- distilled rows (korcpt.model.distill)
+
+
+def write_rows(out_dir: Path, input_rows: torch.Tensor, output_rows: torch.Tensor, first: int, report: dict) -> None:
+    """``rows.safetensors`` (``input``/``output`` float32 ``[new tokens, hidden]``, ``first_id``) and
+    ``report.json`` into a sibling of ``out_dir``, renamed into place: a killed run leaves no partial output."""
+    from safetensors.torch import save_file
+
+    with staging_dir(out_dir) as tmp:
+        save_file({"input": input_rows.contiguous().float(), "output": output_rows.contiguous().float()},
+                  str(tmp / ROWS_FILE), metadata={"first_id": str(first)})
+        (tmp / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        replace_dir(tmp, out_dir)
+
+
+def read_rows(directory: str | Path) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(first id, input rows, output rows) of a directory written by :func:`write_rows`.
+
+    Raises:
+        ModelError: no rows file, or one without both tensors and the first id.
+    """
+    from safetensors import safe_open
+
+    path = Path(directory) / ROWS_FILE
+    if not path.is_file():
+        raise ModelError(f"model.new_rows: {directory} has no {ROWS_FILE} (expected the output of tools/distill_rows.py)")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        if "first_id" not in meta or set(fh.keys()) != {"input", "output"}:
+            raise ModelError(f"{path}: expected tensors input and output and a first_id, found {sorted(fh.keys())}")
+        return int(meta["first_id"]), fh.get_tensor("input"), fh.get_tensor("output")
+
+
+def apply_new_rows(model, directory: str | Path, new_ids: list[int]) -> None:
+    """Set the new tokens' rows from a :func:`write_rows` directory: the input rows into the embedding, and
+    the output rows into a :class:`~korcpt.model.lora.NewTokenHead` of their own (the base head stays tied
+    to the embedding for every other id).
+
+    Raises:
+        ModelError: the file's rows are for other ids or another hidden size than the model's.
+    """
+    from korcpt.model.lora import NewTokenHead, _module_name, _replace
+
+    first, inputs, outputs = read_rows(directory)
+    emb = model.get_input_embeddings()
+    hidden = int(emb.weight.ds_shape[1]) if hasattr(emb.weight, "ds_shape") else int(emb.weight.shape[1])
+    expected = (new_ids[0], len(new_ids), hidden) if new_ids else (None, 0, hidden)
+    if (first, len(inputs), inputs.shape[1]) != expected or outputs.shape != inputs.shape:
+        raise ModelError(f"model.new_rows: {directory} holds {len(inputs)} rows of {inputs.shape[1]} from id {first}; "
+                         f"expected {expected[1]} rows of {hidden} from id {expected[0]} (rows of another tokenizer or model?)")
+    with _gathered([emb.weight]) as writer:
+        if writer:
+            with torch.no_grad():
+                emb.weight[first:first + len(inputs)] = inputs.to(emb.weight.dtype)
+    head = model.get_output_embeddings()
+    _replace(model, _module_name(model, head), NewTokenHead(head, first, len(inputs), rows=outputs))
+    log.info("new rows from %s: %d input rows, %d output rows of their own", directory, len(inputs), len(outputs))

@@ -18,7 +18,7 @@ from korcpt.config import ModelConfig
 from korcpt.errors import ModelError
 from korcpt.log import get_logger
 from korcpt import assets
-from korcpt.model.embeddings import resize_and_init_embeddings
+from korcpt.model.embeddings import apply_new_rows, resize_and_init_embeddings
 
 log = get_logger(__name__)
 
@@ -151,5 +151,7 @@ def load_model_and_tokenizer(mcfg: ModelConfig, device: torch.device, seed: int 
         return model, tokenizer, []
     base_tokenizer = assets.load_tokenizer(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     new_ids = resize_and_init_embeddings(model, base_tokenizer, tokenizer, pad_to_multiple_of=VOCAB_MULTIPLE)
+    if mcfg.new_rows:
+        apply_new_rows(model, mcfg.new_rows, list(new_ids))
     log.info("extended vocabulary %d -> %d rows (%d new tokens)", base_vocab, vocab_size_of(model), len(new_ids))
     return model, tokenizer, list(new_ids)

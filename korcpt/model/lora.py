@@ -96,12 +96,22 @@ class NewTokenRows(nn.Module):
 
 
 class NewTokenHead(nn.Module):
-    """Output head that reads the new rows from :class:`NewTokenRows` (Gemma ties head and embedding)."""
+    """Output head whose logits for ids ``first .. first+count-1`` come from new-token rows: the input rows
+    of a :class:`NewTokenRows` (tied, as Gemma ties its head to its embedding), or rows of its own
+    (untied: distilled rows, :mod:`korcpt.model.distill`, whose input row is a poor output row)."""
 
-    def __init__(self, base: nn.Linear, rows_owner: NewTokenRows):
+    def __init__(self, base: nn.Module, first: int, count: int, rows_owner: NewTokenRows | None = None,
+                 rows: torch.Tensor | None = None):
         super().__init__()
+        if (rows_owner is None) == (rows is None):
+            raise ValueError("NewTokenHead takes either the input rows' owner (tied) or rows of its own")
         self.base = base
-        self._owner = [rows_owner]  # a list keeps it out of this module's parameters and state dict
+        self.first = first
+        self.count = count
+        self._owner = [rows_owner] if rows_owner is not None else []  # a list keeps it out of the state dict
+        if rows is not None:
+            self.rows = nn.Parameter(rows.detach().to(torch.float32, copy=True), requires_grad=False)  # master
+            return
         try:  # ZeRO-3 fetches a module's own parameters only; declare the shared one
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
@@ -110,14 +120,21 @@ class NewTokenHead(nn.Module):
             pass
 
     @property
+    def tied(self) -> bool:
+        return bool(self._owner)
+
+    @property
+    def new_rows(self) -> torch.Tensor:
+        return self._owner[0].rows if self._owner else self.rows
+
+    @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        owner = self._owner[0]
         logits = self.base(hidden)
-        new = F.linear(hidden, owner.rows.to(hidden.dtype))
-        lo, hi = owner.first, owner.first + owner.count
+        new = F.linear(hidden, self.new_rows.to(hidden.dtype))
+        lo, hi = self.first, self.first + self.count
         return torch.cat([logits[..., :lo], new.to(logits.dtype), logits[..., hi:]], dim=-1)
 
 
@@ -152,7 +169,9 @@ def _train_full_embedding_in_fp32(inner: nn.Module, emb: nn.Embedding) -> None:
     weight.data = weight.data.float()
     emb.register_forward_hook(_cast_output(compute))
     head = inner.get_output_embeddings()
-    if head is not None and head.weight is weight:
+    if isinstance(head, NewTokenHead):  # untied new rows: the shared base part is cast, its own rows as they are
+        head.base = CastHead(head.base)
+    elif head is not None and head.weight is weight:
         _replace(inner, _module_name(inner, head), CastHead(head))
 
 
@@ -184,6 +203,9 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig, new_token_ids: list[int], see
     peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)  # LoRA in float32
     inner = peft_model.get_base_model()
     emb = inner.get_input_embeddings()
+    head = inner.get_output_embeddings()
+    if isinstance(head, NewTokenHead) and lcfg.embeddings != "frozen":  # untied new output rows (model.new_rows)
+        head.rows.requires_grad_(True)
     if lcfg.embeddings == "full":
         emb.weight.requires_grad_(True)
         _train_full_embedding_in_fp32(inner, emb)
@@ -193,11 +215,10 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig, new_token_ids: list[int], see
             raise ValueError("new token ids must be contiguous")
         rows = NewTokenRows(emb, first, count)
         _replace(inner, _module_name(inner, emb), rows)
-        head = inner.get_output_embeddings()
-        if head is not None and head.weight is emb.weight:
-            _replace(inner, _module_name(inner, head), NewTokenHead(head, rows))
-        elif head is not None:
-            raise NotImplementedError("new_tokens with an untied output head is not supported yet")
+        if head is not None and not isinstance(head, NewTokenHead):
+            if head.weight is not emb.weight:
+                raise NotImplementedError("new_tokens with an untied output head is not supported yet")
+            _replace(inner, _module_name(inner, head), NewTokenHead(head, first, count, rows_owner=rows))
     return peft_model
 
 
@@ -207,20 +228,27 @@ def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     for module in model.modules():
         if isinstance(module, NewTokenRows):
             out.append(module.rows)
+        elif isinstance(module, NewTokenHead) and not module.tied and module.rows.requires_grad:
+            out.append(module.rows)
         elif isinstance(module, nn.Embedding) and module.weight.requires_grad:
             out.append(module.weight)
     return out
 
 
-def trained_rows(model: nn.Module, lcfg: LoraConfig, vocab_size: int) -> tuple[list[int], torch.Tensor | None]:
-    """The token ids whose embedding rows were trained and their current values (for saving)."""
+def trained_rows(model: nn.Module, lcfg: LoraConfig, vocab_size: int) -> tuple[list[int], nn.Parameter | None]:
+    """The token ids whose input embedding rows train and the parameter that holds them (for saving)."""
     for module in model.modules():
         if isinstance(module, NewTokenRows):
-            return list(range(module.first, module.first + module.count)), module.rows.detach()
+            return list(range(module.first, module.first + module.count)), module.rows
     if lcfg.embeddings == "full":
-        weight = model.get_input_embeddings().weight.detach()
-        return list(range(vocab_size)), weight
+        return list(range(vocab_size)), model.get_input_embeddings().weight
     return [], None
+
+
+def untied_head(model: nn.Module) -> NewTokenHead | None:
+    """The output head when it holds new-token rows of its own (distilled, untied), else None."""
+    head = model.get_output_embeddings()
+    return head if isinstance(head, NewTokenHead) and not head.tied else None
 
 
 def unwrap_base(model: nn.Module) -> nn.Module:
@@ -241,6 +269,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         trainable += n if p.requires_grad else 0
     # NewTokenRows duplicates rows that already exist (frozen) in the base table: do not count them twice.
     for module in model.modules():
-        if isinstance(module, NewTokenRows):
+        if isinstance(module, NewTokenRows) or (isinstance(module, NewTokenHead) and not module.tied):
             total -= getattr(module.rows, "ds_numel", module.rows.numel())
     return trainable, total

@@ -241,7 +241,7 @@ class HeadLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         head = base.get_output_embeddings()
-        params = [head.base.weight, head._owner[0].rows] if isinstance(head, NewTokenHead) else [head.weight]
+        params = [head.weight, head.new_rows] if isinstance(head, NewTokenHead) else [head.weight]
         try:
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
         except ImportError:  # no DeepSpeed, no partitioning: nothing to declare
@@ -253,9 +253,8 @@ class HeadLoss(torch.nn.Module):
         """The output head as one [vocab, hidden] matrix (new-token rows spliced in when they train apart)."""
         head = self._base[0].get_output_embeddings()
         if isinstance(head, NewTokenHead):
-            rows = head._owner[0]
-            weight = head.base.weight
-            return torch.cat([weight[:rows.first], rows.rows.to(weight.dtype), weight[rows.first + rows.count:]])
+            weight = head.weight
+            return torch.cat([weight[:head.first], head.new_rows.to(weight.dtype), weight[head.first + head.count:]])
         return head.weight
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

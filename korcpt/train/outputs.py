@@ -16,7 +16,7 @@ import torch
 
 from korcpt import assets
 from korcpt.config import ModelConfig, RunConfig
-from korcpt.model.lora import trained_rows
+from korcpt.model.lora import trained_rows, untied_head
 from korcpt.shards.format import atomic_write_json
 from korcpt.train.metrics import mfu, versions
 
@@ -47,17 +47,27 @@ def _master_value(param: torch.nn.Parameter) -> torch.Tensor:
         return param.detach().clone()
 
 
-def _embedding_path(base_model) -> str:
-    emb = base_model.get_input_embeddings()
-    for name, module in base_model.named_modules():
-        if module is emb:
+def _module_path(base_model, module) -> str:
+    for name, candidate in base_model.named_modules():
+        if candidate is module:
             return name
-    raise RuntimeError("input embedding not found")
+    raise RuntimeError(f"{type(module).__name__} not found in the model")
 
 
-def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """PEFT adapter tensors (LoRA, plus trained embedding rows as PEFT trainable tokens) and those rows'
-    ids, from the PEFT model outside its DDP/DeepSpeed wrapper (every rank calls this under ZeRO-3)."""
+def _param_name(model, param) -> str:
+    return next(n for n, p in model.named_parameters() if p is param)
+
+
+def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
+    """PEFT adapter tensors (LoRA, plus trained embedding rows as PEFT trainable tokens), the input rows'
+    ids and the untied output rows' ids, from the PEFT model outside its DDP/DeepSpeed wrapper (every
+    rank calls this under ZeRO-3).
+
+    Untied output rows (``model.new_rows``) are PEFT trainable tokens of the head, their ids in
+    descending order: PEFT ties the head's trainable tokens to the embedding's when a tied model lists
+    the same indices for both (``indices_mismatch`` in peft/utils/other.py, 0.21), and this order is
+    what keeps them apart when ``AutoPeftModelForCausalLM`` loads the adapter onto the tied base.
+    """
     from peft import get_peft_model_state_dict
 
     full = gathered_trainable_state(unwrapped)
@@ -68,12 +78,16 @@ def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], l
         else base.get_input_embeddings().weight.ds_shape[0]
     ids, rows = trained_rows(base, cfg.lora, vocab)
     if ids:
-        row_name = next(n for n, p in unwrapped.named_parameters() if p.requires_grad and (
-            n.endswith(".rows") or n.endswith("embed_tokens.weight")))
-        rows = full[row_name]
-        path = _embedding_path(base)
+        rows = full[_param_name(unwrapped, rows)]
+        path = _module_path(base, base.get_input_embeddings())
         state[f"base_model.model.{path}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
-    return state, ids
+    head = untied_head(base)
+    out_ids: list[int] = []
+    if head is not None:
+        out_ids = list(range(head.first + head.count - 1, head.first - 1, -1))
+        rows = full[_param_name(unwrapped, head.rows)].flip(0)
+        state[f"base_model.model.{_module_path(base, head)}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
+    return state, ids, out_ids
 
 
 def base_model_reference(mcfg: ModelConfig) -> str:
@@ -102,12 +116,14 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     unwrapped = accelerator.unwrap_model(model)
-    state, ids = adapter_state(unwrapped, cfg)
+    state, ids, out_ids = adapter_state(unwrapped, cfg)
     if not accelerator.is_main_process:
         return
     config = copy.deepcopy(unwrapped.peft_config["default"])
     if ids:
         config.trainable_token_indices = {"embed_tokens": ids}
+    if out_ids:
+        config.trainable_token_indices["lm_head"] = out_ids
     config.base_model_name_or_path = base_model_reference(cfg.model)  # not a preset alias: PEFT cannot resolve one
     out_dir.mkdir(parents=True, exist_ok=True)
     # korcpt's LoRA config has no task type, so AutoPeftModel* builds the base from auto_mapping, which
@@ -135,6 +151,9 @@ def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict, adap
             os.replace(tmp, out_dir / name)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+        # beside the adapter too: PEFT's AutoPeftModelForCausalLM grows the base's embedding for an
+        # extended vocabulary only when it finds a tokenizer in the adapter directory (peft/auto.py)
+        tokenizer.save_pretrained(str(out_dir))
         atomic_write_json(out_dir / "training_info.json", info)
     accelerator.wait_for_everyone()
 

@@ -1,0 +1,515 @@
+"""New-token embedding rows distilled from the base model (Token Distillation, Dobler et al. 2025).
+
+Mental model::
+
+    corpus documents ──extended tokenizer──> windows holding new tokens ──base tokenizer──> same text, base pieces
+                                                    │                                            │
+                                     model reads new rows (student)              frozen model reads pieces (teacher)
+                                                    └──── MSE of hidden states at layer L, ────────┘
+                                                          at every position both tokenizations share
+                                                          -> gradient into the new input rows only
+
+The extension (:mod:`korcpt.vocab.extend`) only merges base tokens, so every boundary of the extended
+segmentation is one of the base segmentation: each extended token ``j`` lines up with the base token that
+ends where it ends, and the frozen model's hidden state there is what the new row should lead to. One
+window trains every new token it holds, and the positions *after* a new token (where a mean-of-pieces
+row costs most) are matched too. Nothing but the new input rows changes; the teacher is the same model
+reading base ids only, so no second copy of the model is held.
+
+Output rows (Gemma ties its head to its embedding, and a distilled input row is a poor output row):
+
+* ``tied``: the distilled input row serves as output row too.
+* ``mean``: the mean of the pieces' rows (the untrained default of :mod:`korcpt.model.embeddings`).
+* ``piece_fit``: the base model's probability of the token's piece sequence, ``p(a) p(b|a) ...``, as a
+  row: the first piece's row plus ``r * u``, where ``u`` satisfies ``h . u ~= 1`` on the final hidden
+  states (a ridge fit: Gemma's head has no bias) and ``r`` is the mean log-probability of the other
+  pieces after the first, measured by the frozen model at the token's occurrences.
+* ``ntp``: next-token prediction of the new output rows alone, everything else frozen, on the final
+  hidden states of the windows read with the distilled input rows (cached once; each step is a small
+  matrix product), started from ``piece_fit``.
+
+The result is a directory written beside ``out_dir`` and renamed into place: ``rows.safetensors``
+(``input`` and ``output``, ``[new tokens, hidden]`` float32, and the first id) and ``report.json``
+(settings, cost, per-token losses before and after, tokens with too few contexts and what they got).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from korcpt.errors import DataError, ModelError
+from korcpt.log import get_logger, progress
+from korcpt.model.embeddings import ROWS_FILE, piece_ids, write_rows
+from korcpt.model.lora import NewTokenRows, _module_name, _replace
+from korcpt.vocab.extend import read_texts
+
+log = get_logger(__name__)
+
+OUTPUT_MODES = ("tied", "mean", "piece_fit", "ntp")
+
+
+@dataclass
+class DistillOptions:
+    """Options of the distillation stage; ``tools/distill_rows.py`` takes its flag defaults from here."""
+
+    # Base model: a preset, local directory, .gguf file or hub id (as model.name of a run config).
+    model: str
+    # The extended tokenizer directory (tools/extend_tokenizer.py).
+    tokenizer: Path
+    # The corpus the tokenizer was learned on: raw_text_mixed.jsonl ({"text"} lines); copies are read once.
+    corpus: Path
+    # Output directory (rows.safetensors, report.json); built beside it and renamed into place.
+    out_dir: Path
+    # Windows kept per new token: a window is read while one of its new tokens has fewer than this.
+    contexts_per_token: int = 8
+    # Extended tokens per window (after <bos>).
+    context_tokens: int = 64
+    # Hidden states matched after this many decoder layers (0: all; the head's input).
+    layer: int = 0
+    # Passes over the kept windows.
+    epochs: int = 2
+    # Adam learning rate of the input rows.
+    lr: float = 1e-3
+    # Windows per optimizer step.
+    batch_size: int = 8
+    # How the output rows are made: tied, mean, piece_fit or ntp (see the module doc).
+    output: str = "ntp"
+    # Optimizer steps of the ntp output rows (full batch over the cached hidden states).
+    output_steps: int = 100
+    # A token seen in fewer windows than this keeps the mean of its pieces' rows (input and output).
+    min_contexts: int = 1
+    # Seed of the window order.
+    seed: int = 0
+    # Parameter dtype of the model (auto: bfloat16 on CUDA, float32 on CPU); the rows are float32.
+    dtype: str = "auto"
+    # cpu, cuda, cuda:0.
+    device: str = "cpu"
+    # Attention kernel passed to transformers.
+    attn_implementation: str = "sdpa"
+    # Dense TFLOP/s of the device for the printed time estimate (0: no estimate).
+    peak_tflops: float = 0.0
+
+
+@dataclass
+class Window:
+    """One stretch of a document in both segmentations: ``student`` (extended ids) and ``teacher`` (base
+    ids), each after ``<bos>``; ``pairs[k] = (student position, teacher position)`` of the k-th aligned
+    position from the first new token on."""
+
+    student: list[int]
+    teacher: list[int]
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- windows
+
+
+def unique_texts(corpus: Path) -> list[str]:
+    """The corpus's documents, each once (the 5 copies of a medical record are one context, not five)."""
+    seen, out = set(), []
+    for text in read_texts(corpus):
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    if not out:
+        raise DataError(f"corpus {corpus} holds no documents")
+    return out
+
+
+def _ends(encoding) -> list[int]:
+    return [end for _, end in encoding.offsets]
+
+
+def document_windows(text: str, base_tok, new_tok, first_new: int, context_tokens: int) -> Iterator[Window]:
+    """Windows of ``context_tokens`` extended tokens of ``text`` that hold a new token, with their base ids.
+
+    Worked example: base ``▁간 염 은`` (ends 2, 3, 4), extended ``▁간염 은`` (ends 3, 4). The extended
+    token ``▁간염`` ends at char 3, where base token ``염`` ends: student position 1 (after <bos>) pairs
+    with teacher position 2, and ``은`` (student 2) with teacher 3.
+    """
+    x = new_tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    b = base_tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    base_at_end = {}
+    for i, end in enumerate(_ends(b)):
+        base_at_end[end] = i  # the last base token ending at a char (byte-fallback pieces share offsets)
+    x_ends = _ends(x)
+    bos = base_tok.bos_token_id
+    head = [bos] if bos is not None else []
+    b_start = 0
+    for start in range(0, len(x.ids), context_tokens):
+        ids = x.ids[start:start + context_tokens]
+        last_b = base_at_end.get(x_ends[start + len(ids) - 1])
+        if last_b is None or last_b < b_start:
+            break  # segmentations no longer line up (not an extension of this base): stop the document
+        window = Window(student=head + ids, teacher=head + b.ids[b_start:last_b + 1])
+        new_seen = False
+        for k, token in enumerate(ids):
+            new_seen = new_seen or token >= first_new
+            if token >= first_new:
+                window.new.append(token)
+            j = base_at_end.get(x_ends[start + k])
+            if new_seen and j is not None and j >= b_start:
+                window.pairs.append((len(head) + k, len(head) + j - b_start))
+        b_start = last_b + 1
+        if window.new:
+            yield window
+
+
+def select_windows(texts: list[str], base_tok, new_tok, first_new: int, opts: DistillOptions) -> tuple[list[Window], dict[int, int]]:
+    """Windows in a seeded order, each kept while one of its new tokens has fewer than
+    ``contexts_per_token`` kept windows; returns them and each new token's count of kept windows."""
+    order = list(range(len(texts)))
+    random.Random(opts.seed).shuffle(order)
+    counts: dict[int, int] = {}
+    kept = []
+    for i in order:
+        for window in document_windows(texts[i], base_tok, new_tok, first_new, opts.context_tokens):
+            distinct = set(window.new)
+            if all(counts.get(t, 0) >= opts.contexts_per_token for t in distinct):
+                continue
+            kept.append(window)
+            for t in distinct:
+                counts[t] = counts.get(t, 0) + 1
+    return kept, counts
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def decoder_of(model):
+    """The text decoder (embedding + layers + final norm) of a causal LM or of Gemma 3's multimodal class."""
+    decoder = model.get_decoder()
+    if not hasattr(decoder, "layers"):
+        raise ModelError(f"{type(model).__name__}: cannot find the decoder layers to distil through")
+    return decoder
+
+
+@contextlib.contextmanager
+def first_layers(decoder, layer: int) -> Iterator[None]:
+    """Run only the first ``layer`` decoder layers inside the block (0: all); the final norm still applies."""
+    full = decoder.layers
+    if 0 < layer < len(full):
+        decoder.layers = torch.nn.ModuleList(list(full)[:layer])
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+def _batch(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _hidden(decoder, seqs: list[list[int]], pad: int, device) -> torch.Tensor:
+    ids, mask = _batch(seqs, pad, device)
+    return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _gather(hidden: torch.Tensor, windows: list[Window], side: int) -> torch.Tensor:
+    rows = [torch.full((len(w.pairs),), i, dtype=torch.long) for i, w in enumerate(windows)]
+    cols = [torch.tensor([p[side] for p in w.pairs], dtype=torch.long) for w in windows]
+    return hidden[torch.cat(rows).to(hidden.device), torch.cat(cols).to(hidden.device)]
+
+
+def window_loss(decoder, windows: list[Window], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per aligned position, the squared distance of the student's hidden state from the teacher's,
+    relative to the teacher's squared norm; and the mean of those (the loss)."""
+    with torch.no_grad():
+        target = _gather(_hidden(decoder, [w.teacher for w in windows], pad, device), windows, 1).float()
+    student = _gather(_hidden(decoder, [w.student for w in windows], pad, device), windows, 0).float()
+    per_position = (student - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)
+    return per_position.mean(), per_position.detach()
+
+
+def per_token_loss(decoder, windows: list[Window], pad: int, device, batch_size: int) -> dict[int, float]:
+    """Mean relative distance at the positions of each new token itself (no gradient)."""
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            _, per_position = window_loss(decoder, chunk, pad, device)
+            k = 0
+            for w in chunk:
+                for s, _ in w.pairs:
+                    token = w.student[s]
+                    if token >= decoder.embed_tokens.first:
+                        sums[token] = sums.get(token, 0.0) + float(per_position[k])
+                        counts[token] = counts.get(token, 0) + 1
+                    k += 1
+    return {t: sums[t] / counts[t] for t in sums}
+
+
+def mean_loss(decoder, windows: list[Window], pad: int, device, batch_size: int) -> float:
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            _, per_position = window_loss(decoder, windows[start:start + batch_size], pad, device)
+            total += float(per_position.sum())
+            n += per_position.numel()
+    return total / max(n, 1)
+
+
+# --------------------------------------------------------------------------------------------- cost
+
+
+def flops_per_token(model, layer: int) -> float:
+    """Forward FLOPs per token of the first ``layer`` decoder layers (2 per weight; attention over a short
+    window is small beside them and left out)."""
+    decoder = decoder_of(model)
+    layers = list(decoder.layers)[: layer or None]
+    return 2.0 * sum(p.numel() for block in layers for p in block.parameters())
+
+
+def cost(model, windows: list[Window], opts: DistillOptions) -> dict:
+    """Tokens read and FLOPs: per epoch a teacher forward and a student forward and backward (~3 forwards)."""
+    teacher = sum(len(w.teacher) for w in windows)
+    student = sum(len(w.student) for w in windows)
+    per_token = flops_per_token(model, opts.layer)
+    flops = opts.epochs * per_token * (teacher + 2 * student)
+    out = {"windows": len(windows), "teacher_tokens": teacher, "student_tokens": student,
+           "tokens_read": opts.epochs * (teacher + student), "flops_per_token": per_token, "flops": flops}
+    if opts.peak_tflops:
+        out["minutes_at_40pct_mfu"] = flops / (0.4 * opts.peak_tflops * 1e12) / 60
+    return out
+
+
+# --------------------------------------------------------------------------------------------- output rows
+
+
+def bias_direction(hidden: torch.Tensor) -> torch.Tensor:
+    """u with ``h . u ~= 1`` over the rows of ``hidden`` (ridge): adding ``c * u`` to an output row adds
+    about ``c`` to its logit everywhere, the bias Gemma's head lacks."""
+    h = hidden.double()
+    ridge = h.T @ h + 1e-2 * len(h) * torch.eye(h.shape[1], dtype=h.dtype)
+    return torch.linalg.solve(ridge, h.T @ torch.ones(len(h), dtype=h.dtype)).float()
+
+
+def _final_states(model, windows: list[Window], pad: int, device, batch_size: int, student: bool):
+    """(final hidden states, next-token targets) at every position of the windows' student (or teacher) ids."""
+    decoder = decoder_of(model)
+    hs, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            seqs = [w.student if student else w.teacher for w in chunk]
+            hidden = _hidden(decoder, seqs, pad, device).float()
+            for i, s in enumerate(seqs):
+                hs.append(hidden[i, :len(s) - 1].cpu())
+                targets.append(torch.tensor(s[1:]))
+    return torch.cat(hs), torch.cat(targets)
+
+
+def piece_fit_rows(model, windows: list[Window], pieces: dict[int, list[int]], head_weight: torch.Tensor,
+                   pad: int, device, batch_size: int) -> tuple[torch.Tensor, dict[int, float]]:
+    """Output rows ``row(first piece) + r * u`` (module doc); returns them and each token's ``r``."""
+    h, targets = _final_states(model, windows, pad, device, batch_size, student=False)
+    u = bias_direction(h)
+    w = head_weight.float().cpu()
+    logz = torch.cat([torch.logsumexp(h[i:i + 512] @ w.T, -1) for i in range(0, len(h), 512)])
+    logp = (h * w[targets]).sum(-1) - logz  # log p(base target | context), every teacher position
+    # r_t: mean over t's occurrences of log p(piece 2..k | context, piece 1), read off the teacher's windows
+    by_first: dict[tuple[int, ...], list[float]] = {}
+    seq = torch.cat([torch.tensor(w.teacher[1:]) for w in windows]).tolist()
+    wanted = {tuple(p) for p in pieces.values() if len(p) > 1}
+    longest = max((len(p) for p in wanted), default=0)
+    for pos in range(len(seq)):
+        for k in range(2, longest + 1):
+            key = tuple(seq[pos:pos + k])
+            if len(key) == k and key in wanted:
+                by_first.setdefault(key, []).append(float(logp[pos + 1:pos + k].sum()))
+    rows, r = [], {}
+    first = min(pieces)
+    for token in sorted(pieces):
+        ids = pieces[token]
+        seen = by_first.get(tuple(ids), [])
+        r[token] = sum(seen) / len(seen) if seen else 0.0
+        rows.append(w[ids[0]] + r[token] * u if ids else w[:first].mean(0))
+    return torch.stack(rows), r
+
+
+def ntp_rows(model, windows: list[Window], init: torch.Tensor, first: int, pad: int, device,
+             opts: DistillOptions) -> tuple[torch.Tensor, list[float]]:
+    """Output rows for the new tokens trained by next-token prediction alone (module doc); returns them and
+    the loss (nats per position) before and after."""
+    h, targets = _final_states(model, windows, pad, device, opts.batch_size, student=True)
+    head = model.get_output_embeddings().weight[:first].detach().float().cpu()
+    logz_base = torch.cat([torch.logsumexp(h[i:i + 512] @ head.T, -1) for i in range(0, len(h), 512)])
+    is_new = targets >= first
+    base_logit = torch.zeros(len(h))
+    base_logit[~is_new] = (h[~is_new] * head[targets[~is_new]]).sum(-1)
+    del head
+    rows = init.detach().clone().float().requires_grad_(True)
+    optim = torch.optim.Adam([rows], lr=opts.lr)
+    new_index = (targets - first).clamp(0, len(init) - 1)
+
+    def loss_fn() -> torch.Tensor:
+        logits = h @ rows.T
+        logz = torch.logaddexp(logz_base, torch.logsumexp(logits, -1))
+        target = torch.where(is_new, logits.gather(1, new_index[:, None])[:, 0], base_logit)
+        return (logz - target).mean()
+
+    before = float(loss_fn())
+    for _ in progress(range(opts.output_steps), desc="output rows", unit="step"):
+        optim.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        optim.step()
+    return rows.detach(), [before, float(loss_fn())]
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def _load(opts: DistillOptions):
+    from korcpt.config import ModelConfig
+    from korcpt.model.load import load_model_and_tokenizer
+
+    from korcpt import assets
+
+    device = torch.device(opts.device)
+    mcfg = ModelConfig(name=opts.model, tokenizer=str(opts.tokenizer), dtype=opts.dtype,
+                       attn_implementation=opts.attn_implementation)
+    model, new_tok, new_ids = load_model_and_tokenizer(mcfg, device)
+    if not new_ids:
+        raise ModelError(f"tokenizer {opts.tokenizer} adds no token to {opts.model}: nothing to distil")
+    base_tok = assets.load_tokenizer(opts.model)
+    return model.to(device).eval(), base_tok, new_tok, new_ids
+
+
+def _check(opts: DistillOptions) -> None:
+    if opts.output not in OUTPUT_MODES:
+        raise ModelError(f"output is {opts.output!r}, expected one of {', '.join(OUTPUT_MODES)}")
+    for name in ("contexts_per_token", "context_tokens", "batch_size", "epochs"):
+        if getattr(opts, name) < 1:
+            raise ModelError(f"{name} is {getattr(opts, name)}, expected at least 1")
+    if opts.layer < 0:
+        raise ModelError(f"layer is {opts.layer}, expected 0 (all) or a positive number of layers")
+
+
+def distill_rows(opts: DistillOptions) -> dict:
+    """Distil the new tokens' input rows and make their output rows; write ``out_dir`` (module doc).
+
+    Returns:
+        The report (also ``out_dir/report.json``).
+
+    Raises:
+        DataError: an unreadable or empty corpus, or no window holding a new token.
+        ModelError: bad options, or a tokenizer that adds nothing to the model.
+    """
+    _check(opts)
+    start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    model, base_tok, new_tok, new_ids = _load(opts)
+    first, count = new_ids[0], len(new_ids)
+    device = torch.device(opts.device)
+    pad = new_tok.pad_token_id if new_tok.pad_token_id is not None else 0
+    texts = unique_texts(Path(opts.corpus))
+    windows, counts = select_windows(texts, base_tok, new_tok, first, opts)
+    if not windows:
+        raise DataError(f"no window of {opts.corpus} holds a new token of {opts.tokenizer}")
+    if opts.layer > len(decoder_of(model).layers):
+        raise ModelError(f"layer is {opts.layer}, the model has {len(decoder_of(model).layers)} decoder layers")
+    spend = cost(model, windows, opts)
+    log.info("distilling %d new rows from %d windows: %s tokens read, %.3g FLOPs%s", count, len(windows),
+             f"{spend['tokens_read']:,}", spend["flops"],
+             f", ~{spend['minutes_at_40pct_mfu']:.1f} min at 40% of {opts.peak_tflops} TFLOP/s"
+             if "minutes_at_40pct_mfu" in spend else "")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    decoder = decoder_of(model)
+    emb = decoder.embed_tokens
+    mean_rows = emb.weight.detach()[first:first + count].float().clone()
+    pieces = {t: piece_ids(base_tok, new_tok, t) for t in new_ids}
+    rows = NewTokenRows(emb, first, count)
+    _replace(decoder, _module_name(decoder, emb), rows)
+    try:
+        input_rows, losses = _train_input_rows(decoder, rows, windows, pad, device, opts)
+    finally:
+        _replace(decoder, _module_name(decoder, rows), emb)
+    few = sorted(t for t in new_ids if counts.get(t, 0) < opts.min_contexts)
+    input_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
+    with torch.no_grad():  # the model now reads the distilled rows (the output side needs its hidden states)
+        emb.weight[first:first + count] = input_rows.to(emb.weight.dtype)
+    output_rows, extra = _output_rows(model, windows, pieces, mean_rows, input_rows, first, pad, device, opts)
+    output_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
+    report = {
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "method": "token distillation over whole windows (korcpt.model.distill)",
+        "first_id": first, "new_tokens": count, "hidden_size": int(input_rows.shape[1]),
+        "cost": spend, "seconds": round(time.perf_counter() - start, 2),
+        "loss_mean_init": losses["before"], "loss_final": losses["after"], "loss_per_epoch": losses["epochs"],
+        **extra,
+        "too_few_contexts": {"count": len(few), "min_contexts": opts.min_contexts,
+                             "got": "the mean of the pieces' rows (input and output)",
+                             "tokens": [new_tok.convert_ids_to_tokens(t) for t in few[:200]]},
+        "tokens": [{"id": t, "token": new_tok.convert_ids_to_tokens(t), "contexts": counts.get(t, 0),
+                    "loss_mean_init": losses["per_token_before"].get(t),
+                    "loss_final": losses["per_token_after"].get(t)} for t in new_ids],
+    }
+    write_rows(Path(opts.out_dir), input_rows, output_rows, first, report)
+    return report
+
+
+def _train_input_rows(decoder, rows: NewTokenRows, windows: list[Window], pad: int, device,
+                      opts: DistillOptions) -> tuple[torch.Tensor, dict]:
+    bs = opts.batch_size
+    with first_layers(decoder, opts.layer):
+        before_tokens = per_token_loss(decoder, windows, pad, device, bs)
+        before = mean_loss(decoder, windows, pad, device, bs)
+        optim = torch.optim.Adam([rows.rows], lr=opts.lr)
+        rng = random.Random(opts.seed)
+        epochs = []
+        bar = progress(total=opts.epochs * math.ceil(len(windows) / bs), desc="distil rows", unit="step")
+        for _ in range(opts.epochs):
+            order = list(range(len(windows)))
+            rng.shuffle(order)
+            total, n = 0.0, 0
+            for s in range(0, len(order), bs):
+                loss, per_position = window_loss(decoder, [windows[i] for i in order[s:s + bs]], pad, device)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                optim.step()
+                total, n = total + float(per_position.sum()), n + per_position.numel()
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / n:.4f}")
+            epochs.append(total / max(n, 1))
+        bar.close()
+        after = mean_loss(decoder, windows, pad, device, bs)
+        after_tokens = per_token_loss(decoder, windows, pad, device, bs)
+    log.info("hidden-state distance (relative, layer %s): mean init %.4f -> distilled %.4f",
+             opts.layer or "last", before, after)
+    return rows.rows.detach().float().clone(), {"before": before, "after": after, "epochs": epochs,
+                                                "per_token_before": before_tokens, "per_token_after": after_tokens}
+
+
+def _output_rows(model, windows, pieces, mean_rows, input_rows, first, pad, device, opts) -> tuple[torch.Tensor, dict]:
+    if opts.output == "tied":
+        return input_rows.clone(), {}
+    if opts.output == "mean":
+        return mean_rows.clone(), {}
+    head = model.get_output_embeddings().weight.detach()
+    fitted, r = piece_fit_rows(model, windows, pieces, head, pad, device, opts.batch_size)
+    if opts.output == "piece_fit":
+        return fitted, {"piece_fit_r_mean": sum(r.values()) / len(r)}
+    trained, ntp = ntp_rows(model, windows, fitted, first, pad, device, opts)
+    log.info("output rows by next-token prediction: %.4f -> %.4f nats per position", *ntp)
+    return trained, {"ntp_loss": ntp}

@@ -1,0 +1,119 @@
+"""Distilled new-token rows (korcpt.model.distill, tools/distill_rows.py): the hidden-state distance falls
+below the mean initialisation's in float32 and bfloat16, the same bytes twice, rows round-trip into the
+model, and a run trained from them loads with PEFT's AutoPeftModelForCausalLM and merges."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from korcpt.model.distill import DistillOptions, distill_rows
+from korcpt.model.embeddings import ROWS_FILE, read_rows
+from tinyrun import ROOT
+
+
+def options(pretrained, tokenizer, out, **kw) -> DistillOptions:
+    values = dict(model=str(pretrained), tokenizer=tokenizer, corpus=tokenizer.parent / "corpus.jsonl", out_dir=out,
+                  contexts_per_token=4, context_tokens=24, epochs=3, lr=0.002, batch_size=8, output_steps=20,
+                  attn_implementation="eager")
+    return DistillOptions(**{**values, **kw})
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, pretrained_tiny, extended_tiny):
+    """float32 rows distilled twice with one seed, and once in bfloat16."""
+    root = tmp_path_factory.mktemp("distilled")
+    tok = extended_tiny[0]
+    runs = {name: (root / name, distill_rows(options(pretrained_tiny, tok, root / name, dtype=dtype)))
+            for name, dtype in (("a", "float32"), ("b", "float32"), ("bf16", "bfloat16"))}
+    return runs
+
+
+@pytest.mark.parametrize("name", ["a", "bf16"])
+def test_distillation_beats_the_mean_initialisation(distilled, name):
+    out, report = distilled[name]
+    assert report["loss_final"] < 0.7 * report["loss_mean_init"], (report["loss_mean_init"], report["loss_final"])
+    tokens = [t for t in report["tokens"] if t["contexts"]]
+    assert len(tokens) == report["new_tokens"] - report["too_few_contexts"]["count"] > 0
+    better = sum(t["loss_final"] < t["loss_mean_init"] for t in tokens if t["loss_final"] is not None)
+    assert better >= 0.8 * len(tokens), (better, len(tokens))
+    assert report["ntp_loss"][1] < report["ntp_loss"][0]
+    assert report["cost"]["tokens_read"] == report["options"]["epochs"] * (
+        report["cost"]["teacher_tokens"] + report["cost"]["student_tokens"])
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f"{name}.")) == []  # no staging left
+
+
+def test_same_seed_same_bytes(distilled):
+    (a, _), (b, _) = distilled["a"], distilled["b"]
+    assert (a / ROWS_FILE).read_bytes() == (b / ROWS_FILE).read_bytes()
+    first, inputs, outputs = read_rows(a)
+    assert inputs.dtype == outputs.dtype == torch.float32 and not torch.equal(inputs, outputs)
+
+
+@pytest.fixture(scope="module")
+def trained_from_rows(tmp_path_factory, distilled, pretrained_tiny, extended_tiny):
+    from korcpt.config import load_config
+    from korcpt.train.loop import train
+    from tinyrun import run_config
+
+    root = tmp_path_factory.mktemp("trained_rows")
+    tok, shards = extended_tiny
+    out = root / "out"
+    train(load_config(run_config(root / "run.yaml", tok, shards, out,
+                                 model={"name": str(pretrained_tiny), "random_init": False, "new_rows": str(distilled["a"][0])},
+                                 lora={"embeddings": "new_tokens"}, train={"max_steps": 2}, eval={"steps": 0})))
+    return out, tok
+
+
+def test_rows_start_the_run_and_load_anywhere(trained_from_rows, distilled, pretrained_tiny, tmp_path):
+    """The untrained model reads the file's rows; the trained run loads with AutoPeftModelForCausalLM and
+    merges (untied head) to the logits korcpt's own loader gives."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from korcpt.config import ModelConfig
+    from korcpt.eval.loading import load_for_eval
+    from korcpt.model.load import load_model_and_tokenizer
+
+    out, tok_dir = trained_from_rows
+    first, inputs, outputs = read_rows(distilled["a"][0])
+    model, tok, new_ids = load_model_and_tokenizer(
+        ModelConfig(name=str(pretrained_tiny), tokenizer=str(tok_dir), new_rows=str(distilled["a"][0]),
+                    attn_implementation="eager"), torch.device("cpu"))
+    n = len(new_ids)
+    assert new_ids[0] == first and n == len(inputs)
+    torch.testing.assert_close(model.get_input_embeddings().weight[first:first + n], inputs, rtol=0, atol=0)
+    hidden = torch.randn(3, inputs.shape[1])
+    logits = model.get_output_embeddings()(hidden)
+    torch.testing.assert_close(logits[:, first:first + n], hidden @ outputs.T)
+
+    text = (tok_dir.parent / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    ids = torch.tensor([tok(json.loads(text)["text"])["input_ids"][:40]])
+    assert (ids >= first).any()
+    adapted, _ = load_for_eval(str(pretrained_tiny), adapter=out)
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    merged_dir = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "tools/merge_adapter.py", "--model", str(pretrained_tiny), "--adapter",
+                           str(out), "--out", str(merged_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not merged.config.tie_word_embeddings
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits[..., :len(tok)]
+        got_auto = auto(input_ids=ids).logits
+        got_merged = merged(input_ids=ids).logits[..., :len(tok)]
+    assert got_auto.shape[-1] == len(tok)
+    torch.testing.assert_close(got_auto, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_merged, want, rtol=1e-4, atol=1e-4)
+    # the output rows trained apart from the input rows
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "adapter_model.safetensors"))
+    rows = [v for k, v in state.items() if "trainable_tokens_delta" in k]
+    assert len(rows) == 2 and not torch.equal(rows[0], rows[1].flip(0))
