@@ -42,3 +42,17 @@ def extended_tiny(tmp_path_factory, pretrained_tiny) -> tuple[Path, Path]:
     from tinyrun import build_extended_tiny
 
     return build_extended_tiny(tmp_path_factory.mktemp("extended"), pretrained_tiny)
+
+
+@pytest.fixture(scope="session")
+def distilled_tiny(tmp_path_factory, pretrained_tiny, extended_tiny) -> Path:
+    """Rows of extended_tiny's new tokens distilled from pretrained_tiny (tools/distill_rows.py's stage):
+    distinct input and output rows, so a run started from them has an untied new-token head."""
+    from korcpt.model.distill import DistillOptions, distill_rows
+
+    tok = extended_tiny[0]
+    out = tmp_path_factory.mktemp("distilled_tiny") / "rows"
+    distill_rows(DistillOptions(model=str(pretrained_tiny), tokenizer=tok, corpus=tok.parent / "corpus.jsonl",
+                                out_dir=out, contexts_per_token=4, context_tokens=24, epochs=3, lr=0.002,
+                                output_steps=20, attn_implementation="eager"))
+    return out

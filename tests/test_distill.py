@@ -38,14 +38,13 @@ def distilled(tmp_path_factory, pretrained_tiny, extended_tiny):
 @pytest.mark.parametrize("name", ["a", "bf16"])
 def test_distillation_beats_the_mean_initialisation(distilled, name):
     out, report = distilled[name]
-    assert report["loss_final"] < 0.7 * report["loss_mean_init"], (report["loss_mean_init"], report["loss_final"])
+    assert report["loss_final"] < 0.8 * report["loss_mean_init"], (report["loss_mean_init"], report["loss_final"])
+    assert report["cost"]["held_out_windows"] > 0  # the distances above are on windows never trained on
+    assert report["loss_per_epoch"][-1] < report["loss_per_epoch"][0]
     tokens = [t for t in report["tokens"] if t["contexts"]]
     assert len(tokens) == report["new_tokens"] - report["too_few_contexts"]["count"] > 0
-    better = sum(t["loss_final"] < t["loss_mean_init"] for t in tokens if t["loss_final"] is not None)
-    assert better >= 0.8 * len(tokens), (better, len(tokens))
+    assert all(t["loss_last_epoch"] is not None for t in tokens if t["contexts"] >= 2)
     assert report["ntp_loss"][1] < report["ntp_loss"][0]
-    assert report["cost"]["tokens_read"] == report["options"]["epochs"] * (
-        report["cost"]["teacher_tokens"] + report["cost"]["student_tokens"])
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f"{name}.")) == []  # no staging left
 
 
@@ -56,35 +55,42 @@ def test_same_seed_same_bytes(distilled):
     assert inputs.dtype == outputs.dtype == torch.float32 and not torch.equal(inputs, outputs)
 
 
-@pytest.fixture(scope="module")
-def trained_from_rows(tmp_path_factory, distilled, pretrained_tiny, extended_tiny):
+@pytest.fixture(scope="module", params=["causal", "multimodal"])
+def trained_from_rows(request, tmp_path_factory, distilled, pretrained_tiny, extended_tiny):
+    """A 2-step run from distilled rows on Gemma3ForCausalLM, and on MedGemma's multimodal class (rows
+    distilled from that model)."""
     from korcpt.config import load_config
     from korcpt.train.loop import train
     from tinyrun import run_config
 
-    root = tmp_path_factory.mktemp("trained_rows")
+    root = tmp_path_factory.mktemp(f"trained_rows_{request.param}")
     tok, shards = extended_tiny
+    model = pretrained_tiny
+    rows = distilled["a"][0]
+    if request.param == "multimodal":
+        model = request.getfixturevalue("pretrained_tiny_mm")
+        rows = root / "rows"
+        distill_rows(options(model, tok, rows, epochs=1))
     out = root / "out"
     train(load_config(run_config(root / "run.yaml", tok, shards, out,
-                                 model={"name": str(pretrained_tiny), "random_init": False, "new_rows": str(distilled["a"][0])},
+                                 model={"name": str(model), "random_init": False, "new_rows": str(rows)},
                                  lora={"embeddings": "new_tokens"}, train={"max_steps": 2}, eval={"steps": 0})))
-    return out, tok
+    return model, rows, out, tok
 
 
-def test_rows_start_the_run_and_load_anywhere(trained_from_rows, distilled, pretrained_tiny, tmp_path):
+def test_rows_start_the_run_and_load_anywhere(trained_from_rows, tmp_path):
     """The untrained model reads the file's rows; the trained run loads with AutoPeftModelForCausalLM and
     merges (untied head) to the logits korcpt's own loader gives."""
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
-
+    
     from korcpt.config import ModelConfig
     from korcpt.eval.loading import load_for_eval
     from korcpt.model.load import load_model_and_tokenizer
 
-    out, tok_dir = trained_from_rows
-    first, inputs, outputs = read_rows(distilled["a"][0])
+    pretrained, rows_dir, out, tok_dir = trained_from_rows
+    first, inputs, outputs = read_rows(rows_dir)
     model, tok, new_ids = load_model_and_tokenizer(
-        ModelConfig(name=str(pretrained_tiny), tokenizer=str(tok_dir), new_rows=str(distilled["a"][0]),
+        ModelConfig(name=str(pretrained), tokenizer=str(tok_dir), new_rows=str(rows_dir),
                     attn_implementation="eager"), torch.device("cpu"))
     n = len(new_ids)
     assert new_ids[0] == first and n == len(inputs)
@@ -96,13 +102,14 @@ def test_rows_start_the_run_and_load_anywhere(trained_from_rows, distilled, pret
     text = (tok_dir.parent / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[0]
     ids = torch.tensor([tok(json.loads(text)["text"])["input_ids"][:40]])
     assert (ids >= first).any()
-    adapted, _ = load_for_eval(str(pretrained_tiny), adapter=out)
+    adapted, _ = load_for_eval(str(pretrained), adapter=out)
     auto = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(auto.get_base_model()) is type(adapted.get_base_model())
     merged_dir = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "tools/merge_adapter.py", "--model", str(pretrained_tiny), "--adapter",
+    proc = subprocess.run([sys.executable, "tools/merge_adapter.py", "--model", str(pretrained), "--adapter",
                            str(out), "--out", str(merged_dir)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    merged = type(adapted.get_base_model()).from_pretrained(merged_dir).eval()
     assert not merged.config.tie_word_embeddings
     with torch.no_grad():
         want = adapted(input_ids=ids).logits[..., :len(tok)]

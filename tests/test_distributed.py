@@ -39,14 +39,15 @@ CASES = {"frozen": 0, "full": 16, "new_tokens": 16}
 
 
 def launch(tmp_path: Path, data, model_dir: Path, name: str, mode: str, embeddings: str, dtype: str = "float32",
-           script: str = "launch/train.py", env: dict | None = None, resume: str = "", **train) -> Path:
+           script: str = "launch/train.py", env: dict | None = None, resume: str = "", new_rows: Path | None = None,
+           **train) -> Path:
     tok, shards = data
     out = tmp_path / name
     random_init = model_dir.suffix == ".json"
     cfg = run_config(tmp_path / f"{name}.yaml", tok, shards, out,
                      model={"name": str(model_dir), "dtype": dtype, "random_init": random_init,
                             "tokenizer": str(tok) if embeddings == "new_tokens" or random_init else "",
-                            "gradient_checkpointing": dtype == "bfloat16"},
+                            "gradient_checkpointing": dtype == "bfloat16", "new_rows": str(new_rows or "")},
                      lora={"embeddings": embeddings},
                      # the same global batch (4 sequences) in both: 1 x 4 on one process, 1 x 2 on each of two
                      train={"max_steps": 3, "micro_batch_size": 1, "grad_accum": 4 if mode == "one" else 2,
@@ -176,13 +177,18 @@ def assert_bf16_run_matches(out: Path, ref: Path, mode: str, initial: dict) -> N
 @pytest.mark.slow
 @pytest.mark.parametrize("embeddings", list(CASES))
 def test_bfloat16_matrix_one_ddp_zero2_zero3(tmp_path, request, pretrained_tiny, embeddings):
-    """Each cell: bfloat16 with gradient checkpointing; every trainable tensor moved, losses as float32."""
+    """Each cell: bfloat16 with gradient checkpointing; every trainable tensor moved, losses as float32.
+    new_tokens starts from distilled rows (model.new_rows): its output rows are a parameter of the head's
+    own, which must train and save under every launcher (the float32 matrix above covers the tied head)."""
     data = request.getfixturevalue("extended_tiny" if embeddings == "new_tokens" else "tiny_data")
-    ref = launch(tmp_path, data, pretrained_tiny, f"ref-{embeddings}", "one", embeddings, lr=BF16_LR)
+    rows = request.getfixturevalue("distilled_tiny") if embeddings == "new_tokens" else None
+    ref = launch(tmp_path, data, pretrained_tiny, f"ref-{embeddings}", "one", embeddings, lr=BF16_LR, new_rows=rows)
     initial = initial_adapter(tmp_path / f"ref-{embeddings}.yaml")
+    if rows is not None:
+        assert sum("lm_head.token_adapter" in k for k in initial) == 1, sorted(initial)  # untied output rows
     for mode in ("one", "ddp", "zero2", "zero3"):
         out = launch(tmp_path, data, pretrained_tiny, f"bf16-{mode}-{embeddings}", mode, embeddings, "bfloat16",
-                     lr=BF16_LR)
+                     lr=BF16_LR, new_rows=rows)
         assert_bf16_run_matches(out, ref, mode, initial)
 
 

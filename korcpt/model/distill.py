@@ -25,8 +25,9 @@ Output rows (Gemma ties its head to its embedding, and a distilled input row is 
   states (a ridge fit: Gemma's head has no bias) and ``r`` is the mean log-probability of the other
   pieces after the first, measured by the frozen model at the token's occurrences.
 * ``ntp``: next-token prediction of the new output rows alone, everything else frozen, on the final
-  hidden states of the windows read with the distilled input rows (cached once; each step is a small
-  matrix product), started from ``piece_fit``.
+  hidden states of the windows read with the distilled input rows (``output_positions`` of them, cached
+  once with each position's log-normaliser over the base rows; each step is a small matrix product),
+  started from ``mean``.
 
 The result is a directory written beside ``out_dir`` and renamed into place: ``rows.safetensors``
 (``input`` and ``output``, ``[new tokens, hidden]`` float32, and the first id) and ``report.json``
@@ -86,6 +87,10 @@ class DistillOptions:
     output: str = "ntp"
     # Optimizer steps of the ntp output rows (full batch over the cached hidden states).
     output_steps: int = 100
+    # Positions whose final hidden states fit the output rows (windows sampled up to this many).
+    output_positions: int = 4096
+    # Windows held out of training to measure the distance before and after (at most this many).
+    eval_windows: int = 32
     # A token seen in fewer windows than this keeps the mean of its pieces' rows (input and output).
     min_contexts: int = 1
     # Seed of the window order.
@@ -238,26 +243,20 @@ def window_loss(decoder, windows: list[Window], pad: int, device) -> tuple[torch
     return per_position.mean(), per_position.detach()
 
 
-def per_token_loss(decoder, windows: list[Window], pad: int, device, batch_size: int) -> dict[int, float]:
-    """Mean relative distance at the positions of each new token itself (no gradient)."""
-    sums: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    with torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            chunk = windows[start:start + batch_size]
-            _, per_position = window_loss(decoder, chunk, pad, device)
-            k = 0
-            for w in chunk:
-                for s, _ in w.pairs:
-                    token = w.student[s]
-                    if token >= decoder.embed_tokens.first:
-                        sums[token] = sums.get(token, 0.0) + float(per_position[k])
-                        counts[token] = counts.get(token, 0) + 1
-                    k += 1
-    return {t: sums[t] / counts[t] for t in sums}
+def add_token_losses(sums: dict[int, list[float]], windows: list[Window], per_position: torch.Tensor, first: int) -> None:
+    """Add each new token's relative distance at its own positions to ``sums`` (token -> [sum, count])."""
+    k = 0
+    for w in windows:
+        for s, _ in w.pairs:
+            if w.student[s] >= first:
+                entry = sums.setdefault(w.student[s], [0.0, 0])
+                entry[0] += float(per_position[k])
+                entry[1] += 1
+            k += 1
 
 
 def mean_loss(decoder, windows: list[Window], pad: int, device, batch_size: int) -> float:
+    """Mean relative distance over every aligned position of ``windows`` (no gradient)."""
     total, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(windows), batch_size):
@@ -278,14 +277,18 @@ def flops_per_token(model, layer: int) -> float:
     return 2.0 * sum(p.numel() for block in layers for p in block.parameters())
 
 
-def cost(model, windows: list[Window], opts: DistillOptions) -> dict:
-    """Tokens read and FLOPs: per epoch a teacher forward and a student forward and backward (~3 forwards)."""
+def cost(model, windows: list[Window], held_out: list[Window], opts: DistillOptions) -> dict:
+    """Tokens read and FLOPs: per epoch a teacher forward and a student forward and backward (~3 forwards)
+    over the training windows, and the held-out windows read before and after (teacher and student each);
+    the output rows' pass (``output_positions`` positions through every layer and the head) comes on top."""
     teacher = sum(len(w.teacher) for w in windows)
     student = sum(len(w.student) for w in windows)
+    held = sum(len(w.teacher) + len(w.student) for w in held_out)
     per_token = flops_per_token(model, opts.layer)
-    flops = opts.epochs * per_token * (teacher + 2 * student)
-    out = {"windows": len(windows), "teacher_tokens": teacher, "student_tokens": student,
-           "tokens_read": opts.epochs * (teacher + student), "flops_per_token": per_token, "flops": flops}
+    flops = per_token * (opts.epochs * (teacher + 2 * student) + 2 * held)
+    out = {"windows": len(windows), "held_out_windows": len(held_out), "teacher_tokens": teacher,
+           "student_tokens": student, "tokens_read": opts.epochs * (teacher + student) + 2 * held,
+           "flops_per_token": per_token, "flops": flops}
     if opts.peak_tflops:
         out["minutes_at_40pct_mfu"] = flops / (0.4 * opts.peak_tflops * 1e12) / 60
     return out
@@ -300,6 +303,19 @@ def bias_direction(hidden: torch.Tensor) -> torch.Tensor:
     h = hidden.double()
     ridge = h.T @ h + 1e-2 * len(h) * torch.eye(h.shape[1], dtype=h.dtype)
     return torch.linalg.solve(ridge, h.T @ torch.ones(len(h), dtype=h.dtype)).float()
+
+
+def output_windows(windows: list[Window], positions: int, seed: int) -> list[Window]:
+    """A seeded sample of ``windows`` holding about ``positions`` student positions (all when fewer)."""
+    order = list(range(len(windows)))
+    random.Random(seed + 1).shuffle(order)
+    out, n = [], 0
+    for i in order:
+        if n >= positions:
+            break
+        out.append(windows[i])
+        n += len(windows[i].student) - 1
+    return out
 
 
 def _final_states(model, windows: list[Window], pad: int, device, batch_size: int, student: bool):
@@ -366,13 +382,15 @@ def ntp_rows(model, windows: list[Window], init: torch.Tensor, first: int, pad: 
         target = torch.where(is_new, logits.gather(1, new_index[:, None])[:, 0], base_logit)
         return (logz - target).mean()
 
-    before = float(loss_fn())
+    with torch.no_grad():
+        before = float(loss_fn())
     for _ in progress(range(opts.output_steps), desc="output rows", unit="step"):
         optim.zero_grad()
         loss = loss_fn()
         loss.backward()
         optim.step()
-    return rows.detach(), [before, float(loss_fn())]
+    with torch.no_grad():
+        return rows.detach(), [before, float(loss_fn())]
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -427,8 +445,11 @@ def distill_rows(opts: DistillOptions) -> dict:
         raise DataError(f"no window of {opts.corpus} holds a new token of {opts.tokenizer}")
     if opts.layer > len(decoder_of(model).layers):
         raise ModelError(f"layer is {opts.layer}, the model has {len(decoder_of(model).layers)} decoder layers")
-    spend = cost(model, windows, opts)
-    log.info("distilling %d new rows from %d windows: %s tokens read, %.3g FLOPs%s", count, len(windows),
+    # every 10th window (at most eval_windows) measures the distance before and after, never trained on
+    held_out = windows[::10][:opts.eval_windows] if len(windows) >= 10 else []
+    train_windows = [w for w in windows if not any(w is h for h in held_out)]
+    spend = cost(model, train_windows, held_out, opts)
+    log.info("distilling %d new rows from %d windows: %s tokens read, %.3g FLOPs%s", count, len(train_windows),
              f"{spend['tokens_read']:,}", spend["flops"],
              f", ~{spend['minutes_at_40pct_mfu']:.1f} min at 40% of {opts.peak_tflops} TFLOP/s"
              if "minutes_at_40pct_mfu" in spend else "")
@@ -438,78 +459,86 @@ def distill_rows(opts: DistillOptions) -> dict:
     decoder = decoder_of(model)
     emb = decoder.embed_tokens
     mean_rows = emb.weight.detach()[first:first + count].float().clone()
-    pieces = {t: piece_ids(base_tok, new_tok, t) for t in new_ids}
     rows = NewTokenRows(emb, first, count)
     _replace(decoder, _module_name(decoder, emb), rows)
     try:
-        input_rows, losses = _train_input_rows(decoder, rows, windows, pad, device, opts)
+        input_rows, losses = _train_input_rows(decoder, rows, train_windows, held_out, pad, device, opts)
     finally:
         _replace(decoder, _module_name(decoder, rows), emb)
     few = sorted(t for t in new_ids if counts.get(t, 0) < opts.min_contexts)
     input_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
     with torch.no_grad():  # the model now reads the distilled rows (the output side needs its hidden states)
         emb.weight[first:first + count] = input_rows.to(emb.weight.dtype)
-    output_rows, extra = _output_rows(model, windows, pieces, mean_rows, input_rows, first, pad, device, opts)
+    fit_windows = output_windows(windows, opts.output_positions, opts.seed)
+    output_rows, extra = _output_rows(model, fit_windows, base_tok, new_tok, mean_rows, input_rows, first, pad,
+                                      device, opts)
     output_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
+    per_token = losses.pop("per_token")
     report = {
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
         "method": "token distillation over whole windows (korcpt.model.distill)",
         "first_id": first, "new_tokens": count, "hidden_size": int(input_rows.shape[1]),
-        "cost": spend, "seconds": round(time.perf_counter() - start, 2),
-        "loss_mean_init": losses["before"], "loss_final": losses["after"], "loss_per_epoch": losses["epochs"],
-        **extra,
+        "cost": spend, "seconds": round(time.perf_counter() - start, 2), **losses, **extra,
         "too_few_contexts": {"count": len(few), "min_contexts": opts.min_contexts,
                              "got": "the mean of the pieces' rows (input and output)",
-                             "tokens": [new_tok.convert_ids_to_tokens(t) for t in few[:200]]},
+                             "tokens": [new_tok.convert_ids_to_tokens(t) for t in few]},
         "tokens": [{"id": t, "token": new_tok.convert_ids_to_tokens(t), "contexts": counts.get(t, 0),
-                    "loss_mean_init": losses["per_token_before"].get(t),
-                    "loss_final": losses["per_token_after"].get(t)} for t in new_ids],
+                    "loss_last_epoch": per_token.get(t)} for t in new_ids],
     }
     write_rows(Path(opts.out_dir), input_rows, output_rows, first, report)
     return report
 
 
-def _train_input_rows(decoder, rows: NewTokenRows, windows: list[Window], pad: int, device,
+def _train_input_rows(decoder, rows: NewTokenRows, windows: list[Window], held_out: list[Window], pad: int, device,
                       opts: DistillOptions) -> tuple[torch.Tensor, dict]:
+    """Adam on the new input rows; returns them and the losses: held-out distance before (mean init) and
+    after, each epoch's mean training distance, and each token's distance at its own positions in the last
+    epoch (before each step)."""
     bs = opts.batch_size
     with first_layers(decoder, opts.layer):
-        before_tokens = per_token_loss(decoder, windows, pad, device, bs)
-        before = mean_loss(decoder, windows, pad, device, bs)
+        before = mean_loss(decoder, held_out, pad, device, bs) if held_out else None
         optim = torch.optim.Adam([rows.rows], lr=opts.lr)
         rng = random.Random(opts.seed)
-        epochs = []
+        epochs, per_token = [], {}
         bar = progress(total=opts.epochs * math.ceil(len(windows) / bs), desc="distil rows", unit="step")
-        for _ in range(opts.epochs):
+        for epoch in range(opts.epochs):
             order = list(range(len(windows)))
             rng.shuffle(order)
             total, n = 0.0, 0
             for s in range(0, len(order), bs):
-                loss, per_position = window_loss(decoder, [windows[i] for i in order[s:s + bs]], pad, device)
+                chunk = [windows[i] for i in order[s:s + bs]]
+                loss, per_position = window_loss(decoder, chunk, pad, device)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
+                if epoch == opts.epochs - 1:
+                    add_token_losses(per_token, chunk, per_position, rows.first)
                 total, n = total + float(per_position.sum()), n + per_position.numel()
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / n:.4f}")
             epochs.append(total / max(n, 1))
         bar.close()
-        after = mean_loss(decoder, windows, pad, device, bs)
-        after_tokens = per_token_loss(decoder, windows, pad, device, bs)
-    log.info("hidden-state distance (relative, layer %s): mean init %.4f -> distilled %.4f",
-             opts.layer or "last", before, after)
-    return rows.rows.detach().float().clone(), {"before": before, "after": after, "epochs": epochs,
-                                                "per_token_before": before_tokens, "per_token_after": after_tokens}
+        after = mean_loss(decoder, held_out, pad, device, bs) if held_out else None
+    log.info("hidden-state distance (relative, layer %s): %d held-out windows %s; training epochs %s",
+             opts.layer or "last", len(held_out),
+             f"mean init {before:.4f} -> distilled {after:.4f}" if held_out else "(too few windows)",
+             ", ".join(f"{e:.4f}" for e in epochs))
+    return rows.rows.detach().float().clone(), {
+        "loss_mean_init": before, "loss_final": after, "loss_per_epoch": epochs,
+        "per_token": {t: v[0] / v[1] for t, v in per_token.items()}}
 
 
-def _output_rows(model, windows, pieces, mean_rows, input_rows, first, pad, device, opts) -> tuple[torch.Tensor, dict]:
+def _output_rows(model, windows, base_tok, new_tok, mean_rows, input_rows, first, pad, device, opts
+                 ) -> tuple[torch.Tensor, dict]:
     if opts.output == "tied":
         return input_rows.clone(), {}
     if opts.output == "mean":
         return mean_rows.clone(), {}
-    head = model.get_output_embeddings().weight.detach()
-    fitted, r = piece_fit_rows(model, windows, pieces, head, pad, device, opts.batch_size)
     if opts.output == "piece_fit":
+        head = model.get_output_embeddings().weight.detach()
+        pieces = {t: piece_ids(base_tok, new_tok, t) for t in range(first, first + len(mean_rows))}
+        fitted, r = piece_fit_rows(model, windows, pieces, head, pad, device, opts.batch_size)
         return fitted, {"piece_fit_r_mean": sum(r.values()) / len(r)}
-    trained, ntp = ntp_rows(model, windows, fitted, first, pad, device, opts)
+    trained, ntp = ntp_rows(model, windows, mean_rows, first, pad, device, opts)
     log.info("output rows by next-token prediction: %.4f -> %.4f nats per position", *ntp)
     return trained, {"ntp_loss": ntp}

@@ -38,7 +38,7 @@ def language_model_linear_names(model: nn.Module) -> list[str]:
     """Names of every linear projection of the language model (vision tower, projector and head excluded)."""
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name.endswith("lm_head"):
+        if not isinstance(module, nn.Linear) or "lm_head" in name.split("."):  # the head, or a Linear inside it
             continue
         if "vision" in name or "multi_modal_projector" in name:
             continue
