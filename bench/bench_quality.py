@@ -1,27 +1,29 @@
 """Is the extended model better than the one it started from? Bits per character on held-out text.
 
-    .venv/bin/python bench/bench_quality.py                 # the demo's data and model, 20 steps a run
-    .venv/bin/python bench/bench_quality.py --steps 40      # longer runs
-    .venv/bin/python bench/bench_quality.py --smoke         # 2 steps, 4 texts: that it runs (~9 min here)
+    .venv/bin/python bench/bench_quality.py                    # the demo's data and model; 20 and 60 steps
+    .venv/bin/python bench/bench_quality.py --steps 20 60 120  # the budget curve further out
+    .venv/bin/python bench/bench_quality.py --smoke            # 2 steps, 4 texts: that it runs
 
 Every row is scored by :func:`korcpt.eval.perplexity.score_text` on ``data/heldout/medical_ko.txt``
 (20 sentences written for korcpt, never trained on): bits per character, which, unlike per-token
 perplexity, compares a base tokenizer with an extended one on the same text. The rows:
 
 * ``base``: the pretrained model with its own tokenizer, untrained.
-* ``untrained``: the extended model before training under each initialisation of the new rows: the
-  shipped tied mean of the pieces, and untied variants (EEVE's first piece as output row, the last
-  piece as input row, an output logit offset through the bias direction ``u``); with the softmax mass
-  63 padding rows would take.
+* ``untrained``: the extended model before training: the new rows at the mean of their pieces (tied,
+  the default without distillation), and distilled input rows (``korcpt.model.distill``, the demo's
+  budget) with each kind of output row: tied, mean of the pieces, piece-probability fit, next-token
+  prediction; with the softmax mass 63 padding rows would take.
 * ``lora only``: LoRA on shards of the same corpus made with the base tokenizer, embeddings frozen.
-* ``extended``: LoRA + the new rows (``lora.embeddings: new_tokens``), shipped initialisation, trained
-  jointly or staged (``lora.embeddings_first_steps``: the rows alone first, as EEVE does).
+* ``extended, mean``: LoRA + the new rows (``lora.embeddings: new_tokens``) from the mean of their pieces.
+* ``extended, distilled``: the same from the distilled rows (``model.new_rows``, untied head).
 
-Every trained row takes the same optimizer steps of the same number of sequences of ``seq_len``
-tokens, so equal steps are equal training tokens; the extended tokenizer packs more characters into
-them (``~chars trained``: tokens at the held-out text's characters per token). Data, vocabulary extension and shards are built once by the
-demo's own ``build_data`` (``tools/demo.py``), and every run goes through ``korcpt.train.loop.train``
-with the demo's config and these overrides.
+Each trained row is run for every ``--steps`` budget (the budget curve). Every run takes the same
+optimizer steps of the same number of sequences of ``seq_len`` tokens, so equal steps are equal
+training tokens; the extended tokenizer packs more characters into them (``chars/s``: training tokens
+per second at the held-out text's characters per token). Distillation's own time is printed with its
+row. Data, vocabulary extension, distilled rows and shards are built once by the demo's own
+``build_data`` (``tools/demo.py``), and every run goes through ``korcpt.train.loop.train`` with the
+demo's config and these overrides.
 """
 
 from __future__ import annotations
@@ -42,13 +44,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HELD_OUT = ROOT / "data" / "heldout" / "medical_ko.txt"
 
 
-def variants(steps: int, work: Path, stages: list[int]) -> list[tuple[str, list[str]]]:
-    """(row name, config overrides) of every trained model."""
-    rows = [("lora only (base tokenizer)", [f"data.shards={work / 'base_shards'}", "model.tokenizer=''",
-                                            "lora.embeddings=frozen"])]
-    rows.append(("extended, joint", []))
-    rows += [(f"extended, rows first {n} of {steps}", [f"lora.embeddings_first_steps={n}"]) for n in stages]
-    return rows
+def variants(steps: int, work: Path) -> list[tuple[str, list[str]]]:
+    """(row name, config overrides) of every trained model at ``steps`` optimizer steps."""
+    return [(f"lora only (base tokenizer), {steps} steps",
+             [f"data.shards={work / 'base_shards'}", "model.tokenizer=''", "lora.embeddings=frozen",
+              f"train.max_steps={steps}"]),
+            (f"extended, mean rows, {steps} steps", [f"train.max_steps={steps}"]),
+            (f"extended, distilled rows, {steps} steps", [f"model.new_rows={work / 'rows'}", f"train.max_steps={steps}"])]
 
 
 def build(work: Path, base_cfg: str, steps: int, seq_len: int, new_tokens: int, overrides: list[str]) -> dict:
@@ -64,7 +66,7 @@ def build(work: Path, base_cfg: str, steps: int, seq_len: int, new_tokens: int, 
     built = demo.build_data(draft, seq_len, new_tokens)
     write_shards(work / "raw_text_mixed.jsonl", work / "base_shards", ShardOptions(
         tokenizer=draft.model.name, seq_len=seq_len, val_fraction=0.05, seed=draft.train.seed, workers=1))
-    return {"sets": sets, "new_tokens": built["vocab"].get("new_tokens")}
+    return {"sets": sets, "new_tokens": built["vocab"].get("new_tokens"), "rows": built["rows"]}
 
 
 def held_out_texts() -> list[str]:
@@ -113,16 +115,6 @@ def _final_hidden(model, tokenizer, texts: list[str]) -> list:
     return seen
 
 
-def bias_direction(model, tokenizer, texts: list[str]):
-    """u with h . u ~= 1 for the final hidden states h (ridge fit on ``texts``): adding c * u to an output
-    row adds about c to its logit at every position, the bias Gemma's head does not have."""
-    import torch
-
-    h = torch.cat([hidden for hidden, _ in _final_hidden(model, tokenizer, texts)]).double()
-    ridge = h.T @ h + 1e-2 * len(h) * torch.eye(h.shape[1], dtype=h.dtype)
-    return torch.linalg.solve(ridge, h.T @ torch.ones(len(h), dtype=h.dtype)).float()
-
-
 def pad_row_mass(model, tokenizer, texts: list[str], pad_row, count: int = 63) -> float:
     """Mean softmax mass over held-out positions that ``count`` padding rows equal to ``pad_row`` would
     take (63: the most a vocabulary padded to a multiple of 64 has)."""
@@ -133,55 +125,50 @@ def pad_row_mass(model, tokenizer, texts: list[str], pad_row, count: int = 63) -
     return torch.cat(masses).mean().item()
 
 
-def init_study(model_name: str, work: Path, texts: list[str], fit_texts: list[str]) -> list[tuple[str, dict]]:
-    """Held-out scores of the untrained extended model under each initialisation of the new rows, each
-    with the softmax mass that padding rows (initialised to the mean of all rows) would take."""
+def init_study(model_name: str, work: Path, texts: list[str], rows_report: dict) -> list[tuple[str, dict]]:
+    """Held-out scores of the untrained extended model: the new rows at the mean of their pieces (tied), and
+    the distilled input rows with each kind of output row (each fitted on the demo's windows as
+    ``tools/distill_rows.py`` would), with the softmax mass padding rows (at the mean of all rows) would take."""
+    import dataclasses
+
     import torch
 
+    from korcpt.assets import load_tokenizer
     from korcpt.eval.loading import load_for_eval
     from korcpt.eval.perplexity import score_text
-    from korcpt.model.embeddings import piece_ids
+    from korcpt.model import distill
+    from korcpt.model.embeddings import read_rows
 
-    base_model, base_tok = load_for_eval(model_name)
-    u = bias_direction(base_model, base_tok, fit_texts)
-    del base_model
     model, tok = load_for_eval(model_name, tokenizer=work / "tokenizer")
+    base_tok = load_tokenizer(model_name)
+    first, inputs, _ = read_rows(work / "rows")
     emb = model.get_input_embeddings().weight
-    rows = emb.detach().clone()
-    pieces = {i: piece_ids(base_tok, tok, i) for i in range(len(base_tok), len(tok))}
-    pad_mass = pad_row_mass(model, tok, texts, rows[: len(base_tok)].mean(0))
-    head = model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(rows.clone())  # untied: the study sets each side on its own
-
-    def normed(v, ids):  # to the pieces' mean norm: a mean of near-orthogonal rows is shorter than each
-        return v * (rows[ids].norm(dim=1).mean() / v.norm())
-
-    def mean(ids):
-        return rows[ids].mean(0)
-
-    def mix(ids):
-        return 0.5 * rows[ids].mean(0) + 0.5 * rows[ids[-1]]
-
-    variants = {  # name: (input row, output row)
-        "mean, tied (shipped)": (mean, mean),
-        "mean+last, tied": (mix, mix),
-        "mean in, first piece out (EEVE)": (mean, lambda ids: rows[ids[0]]),
-        "last in, mean out": (lambda ids: rows[ids[-1]], mean),
-        "mean+last normed in, mean+u out": (lambda ids: normed(mix(ids), ids), lambda ids: mean(ids) + u),
-    }
-    out = []
-    for name, (inp, outp) in variants.items():
+    count = len(inputs)
+    mean = emb.detach()[first:first + count].clone()
+    pad_mass = pad_row_mass(model, tok, texts, emb.detach()[:first].mean(0))
+    out = [("untrained: mean rows, tied", {**score_text(model, tok, texts), "pad_mass": pad_mass})]
+    with torch.no_grad():
+        emb[first:first + count] = inputs
+    opts = distill.DistillOptions(**rows_report["options"])
+    windows, _ = distill.select_windows(distill.unique_texts(Path(opts.corpus)), base_tok, tok, first, opts)
+    fit = distill.output_windows(windows, opts.output_positions, opts.seed)
+    heads = {}
+    for mode in distill.OUTPUT_MODES:
+        heads[mode], _ = distill.output_rows(model, fit, base_tok, tok, mean, inputs, first, 0, "cpu",
+                                             dataclasses.replace(opts, output=mode))
+    model.get_output_embeddings().weight = torch.nn.Parameter(emb.detach().clone())  # untied for the study
+    head = model.get_output_embeddings().weight
+    for mode, rows in heads.items():
         with torch.no_grad():
-            for i, ids in pieces.items():
-                emb[i], head.weight[i] = inp(ids), outp(ids)
-        out.append((f"untrained: {name}", {**score_text(model, tok, texts), "pad_mass": pad_mass}))
+            head[first:first + count] = rows
+        out.append((f"untrained: distilled in, {mode} out", {**score_text(model, tok, texts), "pad_mass": pad_mass}))
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs/demo_270m.yaml"))
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps of every trained row")
+    ap.add_argument("--steps", type=int, nargs="+", default=[20, 60], help="optimizer steps of the trained rows (a curve)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench_quality")
@@ -189,40 +176,45 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny steps and texts (a check that it runs)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.seq_len, args.new_tokens = 2, 64, 64
+        args.steps, args.seq_len, args.new_tokens = [2], 64, 64
         args.set += ["train.micro_batch_size=1", "train.grad_accum=1", "train.warmup_steps=0"]
     start = time.time()
     work = args.workdir
-    built = build(work, args.config, args.steps, args.seq_len, args.new_tokens, args.set)
+    built = build(work, args.config, max(args.steps), args.seq_len, args.new_tokens, args.set)
     from korcpt.config import load_config
 
     cfg = load_config(args.config, built["sets"])
     texts = held_out_texts()[:4] if args.smoke else held_out_texts()
-    fit = [json.loads(line)["text"] for line in (work / "raw_text_mixed.jsonl").read_text(encoding="utf-8").splitlines()]
-    fit = [t for t in fit if len(t) < 400][: 8 if args.smoke else 160]  # training text, never the held-out
     results = [("base", score(cfg.model.name, texts), None)]
-    results += [(name, r, None) for name, r in init_study(cfg.model.name, work, texts, fit)]
-    stages = [1] if args.smoke else sorted({args.steps // 4, args.steps // 2})
-    for name, extra in variants(args.steps, work, stages):
-        info, result = train_row(args.config, built["sets"], extra, work / "runs" / str(len(results)))
-        results.append((name, result, info))
+    results += [(name, r, None) for name, r in init_study(cfg.model.name, work, texts, built["rows"])]
+    for steps in args.steps:
+        for name, extra in variants(steps, work):
+            info, result = train_row(args.config, built["sets"], extra, work / "runs" / str(len(results)))
+            results.append((name, result, info))
     print(table(results, built, args, time.time() - start))
     return 0
 
 
 def table(results: list[tuple[str, dict, dict | None]], built: dict, args, seconds: float) -> str:
     base_bpc = results[0][1]["bpc"]
-    lora = next(r for n, r, _ in results if n.startswith("lora only"))
+    lora = next(r for n, r, _ in results if n.startswith("lora only"))  # the smallest budget's, for untrained rows
     pad = next(r["pad_mass"] for _, r, _ in results if "pad_mass" in r)
+    rows = built["rows"]
     lines = [f"held-out bits/char, {HELD_OUT.name} ({results[0][1]['chars']} chars, never trained on); "
-             f"+{built['new_tokens']} tokens; {args.steps} steps of {args.seq_len}-token sequences a trained row; "
-             f"{seconds:.0f} s",
-             f"{'model':40s} {'bpc':>6s} {'vs base':>8s} {'vs lora':>8s} {'tok/100ch':>9s} {'tokens trained':>14s}"
-             f" {'~chars trained':>14s}"]
+             f"+{built['new_tokens']} tokens; {args.seq_len}-token sequences; {seconds:.0f} s",
+             f"distillation: {rows['seconds']:.0f} s, {rows['cost']['tokens_read']:,} tokens read "
+             f"({rows['cost']['flops']:.3g} FLOPs), depth {rows['options']['depth']}, "
+             f"{rows['options']['contexts_per_token']} contexts x {rows['options']['context_tokens']} tokens, "
+             f"distance {rows['loss_mean_init']:.4f} -> {rows['loss_final']:.4f} on held-out windows",
+             f"{'model':44s} {'bpc':>6s} {'vs base':>8s} {'vs lora':>8s} {'tok/100ch':>9s} {'tokens trained':>14s}"
+             f" {'~chars trained':>14s} {'train s':>8s} {'chars/s':>8s}"]
     for name, r, info in results:
-        trained = (f"{info['tokens_seen']:14,d} {chars_trained(info, r['tokens_per_100_chars']):14,.0f}"
-                   if info else f"{'-':>14s} {'-':>14s}")
-        lines.append(f"{name:40s} {r['bpc']:6.3f} {r['bpc'] / base_bpc - 1:+8.1%} {r['bpc'] / lora['bpc'] - 1:+8.1%} "
+        trained = (f"{info['tokens_seen']:14,d} {chars_trained(info, r['tokens_per_100_chars']):14,.0f} "
+                   f"{info['train_seconds']:8.0f} {chars_trained(info, r['tokens_per_100_chars']) / info['train_seconds']:8.1f}"
+                   if info else f"{'-':>14s} {'-':>14s} {'-':>8s} {'-':>8s}")
+        same = [x for n, x, _ in results if n.startswith("lora only") and n.split(", ")[-1] == name.split(", ")[-1]]
+        ref = same[0] if same and info else lora
+        lines.append(f"{name:44s} {r['bpc']:6.3f} {r['bpc'] / base_bpc - 1:+8.1%} {r['bpc'] / ref['bpc'] - 1:+8.1%} "
                      f"{r['tokens_per_100_chars']:9.1f} {trained}")
     lines.append(f"63 padding rows (the most a multiple of 64 adds), at the mean of all rows, would take "
                  f"{pad:.2e} of the softmax mass per position")

@@ -28,10 +28,12 @@ def run_tool(main: Callable[[list[str] | None], int | None], argv: list[str] | N
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of the model an evaluation tool scores: --model, --adapter, --tokenizer, --dtype, --device."""
+    """The options of the model an evaluation tool scores: --model, --adapter, --tokenizer, --new-rows, --dtype, --device."""
     ap.add_argument("--model", required=True, help="preset (gemma3-270m, medgemma-4b, ...), model directory, .gguf or hub id")
     ap.add_argument("--adapter", type=Path, help="trained adapter directory (its tokenizer/ is used when present)")
     ap.add_argument("--tokenizer", help="tokenizer directory or preset (default: ADAPTER/tokenizer, else the model's)")
+    ap.add_argument("--new-rows", help="distilled rows of the tokenizer's new tokens (tools/distill_rows.py), "
+                                       "for an untrained extended model")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="auto: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda if available)")

@@ -1,10 +1,12 @@
 """The whole korcpt pipeline on a real model, on a laptop CPU: `make demo`.
 
-    raw sample data -> raw_text_mixed.jsonl -> extended tokenizer -> uint32 shards -> LoRA CPT
+    raw sample data -> raw_text_mixed.jsonl -> extended tokenizer -> distilled new-token rows
+    -> uint32 shards -> LoRA CPT
     -> validation perplexity and KorMedMCQA-format accuracy before and after -> a summary table
     -> bits per character on a held-out text written for korcpt and never trained on
        (data/heldout/medical_ko.txt): the base model with its own tokenizer, the extended model
-       before training, and after. Per-token perplexity cannot compare the two tokenizers; this can.
+       before training with the new rows at the mean of their pieces and distilled, and after
+       training. Per-token perplexity cannot compare the two tokenizers; this can.
 
 Sizes (sequence length, vocabulary extension, steps) are set for about 10 minutes on 2 CPU cores.
 """
@@ -28,12 +30,20 @@ def parse_args(argv):
     ap.add_argument("--config", default="configs/demo_270m.yaml", help="run config of the training stage")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     ap.add_argument("--new-tokens", type=int, default=1024, help="cap on tokens added to the vocabulary")
+    ap.add_argument("--no-distill", dest="distill", action="store_false",
+                    help="start the new rows at the mean of their pieces instead of distilling them")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
     return ap.parse_args(argv)
 
 
-def build_data(cfg, seq_len: int, new_tokens: int) -> dict:
-    """Corpus, extended tokenizer and shards into the directories the config names."""
+def rows_dir(cfg) -> Path:
+    """Where the demo writes the distilled rows: beside the shards."""
+    return Path(cfg.data.shards).parent / "rows"
+
+
+def build_data(cfg, seq_len: int, new_tokens: int, distill: bool = True) -> dict:
+    """Corpus, extended tokenizer, distilled rows (unless ``distill`` is off) and shards into the
+    directories the config names."""
     from korcpt.corpus.build import CorpusOptions, build_corpus
     from korcpt.shards.writer import ShardOptions, write_shards
     from korcpt.vocab.extend import ExtendOptions, extend_tokenizer
@@ -47,10 +57,16 @@ def build_data(cfg, seq_len: int, new_tokens: int) -> dict:
     vocab_report = extend_tokenizer(ExtendOptions(
         base=cfg.model.name, corpus=work / "raw_text_mixed.jsonl", out_dir=tokenizer, max_new_tokens=new_tokens,
     ))
+    rows = None
+    if distill:
+        from korcpt.model.distill import DistillOptions, distill_rows
+
+        rows = distill_rows(DistillOptions(model=cfg.model.name, tokenizer=tokenizer, corpus=work / "raw_text_mixed.jsonl",
+                                           out_dir=rows_dir(cfg), seed=cfg.train.seed))
     manifest = write_shards(work / "raw_text_mixed.jsonl", shards, ShardOptions(
         tokenizer=str(tokenizer), seq_len=seq_len, val_fraction=0.05, seed=cfg.train.seed, workers=1,
     ), corpus_report=corpus_report)
-    return {"manifest": manifest, "vocab": vocab_report}
+    return {"manifest": manifest, "vocab": vocab_report, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -59,8 +75,9 @@ def main(argv=None) -> int:
 
     start = time.time()
     draft = load_config(args.config, args.set, check_files=False)
-    built = build_data(draft, args.seq_len, args.new_tokens)
-    cfg = load_config(args.config, args.set)  # now every file it names exists
+    built = build_data(draft, args.seq_len, args.new_tokens, args.distill)
+    rows = [f"model.new_rows={rows_dir(draft)}"] if args.distill else []
+    cfg = load_config(args.config, [*rows, *args.set])  # now every file it names exists
 
     from korcpt.train.loop import train
 
@@ -76,8 +93,10 @@ def held_out_bpc(cfg) -> dict[str, dict]:
     from korcpt.eval.perplexity import read_documents, score_text
 
     texts, _ = read_documents(HELD_OUT)
-    sides = {"base": {}, "extended, untrained": {"tokenizer": cfg.model.tokenizer},
-             "trained": {"adapter": cfg.output.dir}}
+    sides = {"base": {}, "extended, mean rows, untrained": {"tokenizer": cfg.model.tokenizer}}
+    if cfg.model.new_rows:
+        sides["extended, distilled rows, untrained"] = {"tokenizer": cfg.model.tokenizer, "new_rows": cfg.model.new_rows}
+    sides["trained"] = {"adapter": cfg.output.dir}
     return {name: score_text(*load_for_eval(cfg.model.name, **kwargs), texts) for name, kwargs in sides.items()}
 
 
@@ -94,6 +113,10 @@ def summary(cfg, info: dict, built: dict, held_out: dict[str, dict], seconds: fl
         ("vocabulary", f"+{added} Korean medical tokens; shards {dtype}"),
         ("tokens trained", f"{info['tokens_seen']:,} in {info['steps']} optimizer steps"),
         ("training time", f"{info['train_seconds']:.0f} s ({info['tokens_per_sec']:.0f} tokens/s); whole demo {seconds:.0f} s"),
+        ("distillation", "off (--no-distill): new rows start at the mean of their pieces" if not built["rows"] else
+                         f"{built['rows']['seconds']:.0f} s, {built['rows']['cost']['tokens_read']:,} tokens read; "
+                         f"hidden-state distance {built['rows']['loss_mean_init']:.3f} (mean) -> "
+                         f"{built['rows']['loss_final']:.3f} on held-out windows"),
         ("val perplexity", f"{_fmt(info['val_ppl_baseline'], '.2f')} -> {_fmt(info['val_ppl_final'], '.2f')}"
                            " (per token of the extended tokenizer: not comparable with the base's)"),
         ("val bits/char", f"{_fmt(info['val_bpc_baseline'], '.3f')} -> {_fmt(info['val_bpc_final'], '.3f')}"),

@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="windows read per new token (default %(default)s)")
     ap.add_argument("--context-tokens", type=int, default=d.context_tokens,
                     help="extended tokens per window (default %(default)s)")
-    ap.add_argument("--layer", type=int, default=d.layer,
-                    help="match hidden states after this many decoder layers (default %(default)s: all)")
+    ap.add_argument("--depth", type=float, default=d.depth,
+                    help="share of the decoder layers whose output is matched (default %(default)s; 1: all)")
     ap.add_argument("--epochs", type=int, default=d.epochs, help="passes over the windows (default %(default)s)")
     ap.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per step (default %(default)s)")

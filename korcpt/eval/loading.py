@@ -23,7 +23,8 @@ log = get_logger(__name__)
 def load_from_arguments(args: argparse.Namespace):
     """:func:`load_for_eval` with the options of :func:`korcpt.cli.add_model_arguments`."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype, device=device)
+    return load_for_eval(args.model, adapter=args.adapter, tokenizer=args.tokenizer, new_rows=args.new_rows,
+                         dtype=args.dtype, device=device)
 
 
 def adapter_tokenizer_dir(adapter: str | Path | None) -> Path | None:
@@ -35,13 +36,16 @@ def adapter_tokenizer_dir(adapter: str | Path | None) -> Path | None:
 
 
 def load_for_eval(model: str, *, adapter: str | Path | None = None, tokenizer: str | Path | None = None,
-                  dtype: str = "auto", device: str = "cpu", attn_implementation: str = "sdpa"):
+                  new_rows: str | Path | None = None, dtype: str = "auto", device: str = "cpu",
+                  attn_implementation: str = "sdpa"):
     """A model in eval mode and its tokenizer.
 
     Args:
         model: preset (``gemma3-270m``, ``medgemma-4b``, ...), local directory, ``.gguf`` file or hub id.
         adapter: a PEFT adapter directory written by the trainer (``adapter_config.json``).
         tokenizer: tokenizer directory or preset; default ``ADAPTER/tokenizer`` if present, else the model's.
+        new_rows: distilled rows of the tokenizer's new tokens (``tools/distill_rows.py``) for an untrained
+            extended model; an adapter carries its own trained rows, so the two do not go together.
         dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
         device: where to put the model.
         attn_implementation: attention kernel passed to transformers.
@@ -55,9 +59,11 @@ def load_for_eval(model: str, *, adapter: str | Path | None = None, tokenizer: s
     from korcpt.config import ModelConfig
     from korcpt.model.load import load_model_and_tokenizer
 
+    if new_rows is not None and adapter is not None:
+        raise ModelError("new_rows start an untrained model; an adapter holds its own trained rows: give one of them")
     tok = tokenizer if tokenizer is not None else adapter_tokenizer_dir(adapter)
     mcfg = ModelConfig(name=str(model), tokenizer=str(tok) if tok is not None else "", dtype=dtype,
-                       attn_implementation=attn_implementation)
+                       attn_implementation=attn_implementation, new_rows=str(new_rows or ""))
     dev = torch.device(device)
     base, tok_obj, new_ids = load_model_and_tokenizer(mcfg, dev)
     if new_ids:
