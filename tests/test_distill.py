@@ -55,10 +55,10 @@ def test_same_seed_same_bytes(distilled):
     assert inputs.dtype == outputs.dtype == torch.float32 and not torch.equal(inputs, outputs)
 
 
-@pytest.fixture(scope="module", params=["causal", "multimodal"])
+@pytest.fixture(scope="module", params=["causal", "multimodal", "full"])
 def trained_from_rows(request, tmp_path_factory, distilled, pretrained_tiny, extended_tiny):
-    """A 2-step run from distilled rows on Gemma3ForCausalLM, and on MedGemma's multimodal class (rows
-    distilled from that model)."""
+    """A 2-step run from distilled rows (vocabulary padded 552 -> 576) on Gemma3ForCausalLM, on MedGemma's
+    multimodal class (rows distilled from that model), and with the whole embedding trained (full)."""
     from korcpt.config import load_config
     from korcpt.train.loop import train
     from tinyrun import run_config
@@ -74,7 +74,8 @@ def trained_from_rows(request, tmp_path_factory, distilled, pretrained_tiny, ext
     out = root / "out"
     train(load_config(run_config(root / "run.yaml", tok, shards, out,
                                  model={"name": str(model), "random_init": False, "new_rows": str(rows)},
-                                 lora={"embeddings": "new_tokens"}, train={"max_steps": 2}, eval={"steps": 0})))
+                                 lora={"embeddings": "full" if request.param == "full" else "new_tokens"},
+                                 train={"max_steps": 2}, eval={"steps": 0})))
     return model, rows, out, tok
 
 
@@ -124,3 +125,58 @@ def test_rows_start_the_run_and_load_anywhere(trained_from_rows, tmp_path):
     state = load_file(str(out / "adapter_model.safetensors"))
     rows = [v for k, v in state.items() if "trainable_tokens_delta" in k]
     assert len(rows) == 2 and not torch.equal(rows[0], rows[1].flip(0))
+
+
+def test_a_killed_run_leaves_the_previous_rows_alone(tmp_path, distilled, pretrained_tiny, extended_tiny):
+    import shutil
+
+    out = tmp_path / "rows"
+    shutil.copytree(distilled["a"][0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    tok = extended_tiny[0]
+    cmd = [sys.executable, "tools/distill_rows.py", "--model", str(pretrained_tiny), "--tokenizer", str(tok),
+           "--corpus", str(tok.parent / "corpus.jsonl"), "--out", str(out), "--epochs", "1000", "--depth", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # killed once it is distilling, long before it would write anything
+        if "distilling 40 new rows" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows"]  # nothing staged beside it either
+
+
+def test_bad_rows_and_options_are_one_line_errors(tmp_path, distilled, pretrained_tiny, extended_tiny, tiny_data):
+    from korcpt.config import ModelConfig, load_config
+    from korcpt.errors import ModelError
+    from korcpt.model.embeddings import write_rows
+    from korcpt.model.load import load_model_and_tokenizer
+    from tinyrun import run_config
+
+    tok = extended_tiny[0]
+    first, inputs, outputs = read_rows(distilled["a"][0])
+    short = tmp_path / "short"
+    write_rows(short, inputs[:-1], outputs[:-1], first, {})
+    mcfg = ModelConfig(name=str(pretrained_tiny), tokenizer=str(tok), new_rows=str(short), attn_implementation="eager")
+    with pytest.raises(ModelError) as err:
+        load_model_and_tokenizer(mcfg, torch.device("cpu"))
+    assert str(err.value) == (f"model.new_rows: {short} holds 39 rows of 64 from id 512; expected 40 rows of 64 from "
+                              "id 512 (rows of another tokenizer or model?)")
+    with pytest.raises(ModelError, match=f"model.new_rows: {tmp_path} has no rows.safetensors"):
+        read_rows(tmp_path)
+    cfg = run_config(tmp_path / "c.yaml", tok, extended_tiny[1], tmp_path / "out",
+                     model={"name": str(pretrained_tiny), "random_init": False, "new_rows": str(tmp_path / "none")})
+    with pytest.raises(Exception) as err:
+        load_config(cfg)
+    assert "model.new_rows holds rows of an extended tokenizer's new tokens: it needs model.tokenizer and " \
+           "lora.embeddings new_tokens or full" in str(err.value)
+    assert f"model.new_rows: no rows.safetensors in {tmp_path / 'none'}" in str(err.value)
+    with pytest.raises(ModelError, match="depth is 0.0, expected a share of the decoder layers in"):
+        distill_rows(options(pretrained_tiny, tok, tmp_path / "x", depth=0.0))
+    with pytest.raises(ModelError, match="output is 'best', expected one of tied, mean, piece_fit, ntp"):
+        distill_rows(options(pretrained_tiny, tok, tmp_path / "x", output="best"))
+    with pytest.raises(ModelError, match="adds no token to"):
+        distill_rows(options(pretrained_tiny, tiny_data[0], tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

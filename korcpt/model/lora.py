@@ -209,6 +209,9 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig, new_token_ids: list[int], see
     if lcfg.embeddings == "full":
         emb.weight.requires_grad_(True)
         _train_full_embedding_in_fp32(inner, emb)
+        # rows past the tokenizer's last id are padding (a multiple of 64): the adapter leaves them out, so
+        # it fits the embedding PEFT's AutoPeftModelForCausalLM grows to len(tokenizer)
+        emb.korcpt_token_rows = max(new_token_ids) + 1 if new_token_ids else None
     elif lcfg.embeddings == "new_tokens" and new_token_ids:
         first, count = min(new_token_ids), len(new_token_ids)
         if sorted(new_token_ids) != list(range(first, first + count)):
@@ -241,7 +244,8 @@ def trained_rows(model: nn.Module, lcfg: LoraConfig, vocab_size: int) -> tuple[l
         if isinstance(module, NewTokenRows):
             return list(range(module.first, module.first + module.count)), module.rows
     if lcfg.embeddings == "full":
-        return list(range(vocab_size)), model.get_input_embeddings().weight
+        emb = model.get_input_embeddings()
+        return list(range(getattr(emb, "korcpt_token_rows", None) or vocab_size)), emb.weight
     return [], None
 
 

@@ -78,7 +78,7 @@ def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], l
         else base.get_input_embeddings().weight.ds_shape[0]
     ids, rows = trained_rows(base, cfg.lora, vocab)
     if ids:
-        rows = full[_param_name(unwrapped, rows)]
+        rows = full[_param_name(unwrapped, rows)][:len(ids)]
         path = _module_path(base, base.get_input_embeddings())
         state[f"base_model.model.{path}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
     head = untied_head(base)
