@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="how output rows are made (default %(default)s; see korcpt/model/distill.py)")
     ap.add_argument("--output-steps", type=int, default=d.output_steps,
                     help="steps of the ntp output rows (default %(default)s)")
+    ap.add_argument("--output-pull", type=float, default=d.output_pull,
+                    help="pull of the ntp output rows toward the mean of their pieces (default %(default)s)")
+    ap.add_argument("--output-positions", type=int, default=d.output_positions,
+                    help="positions the output rows are fitted on (default %(default)s)")
     ap.add_argument("--min-contexts", type=int, default=d.min_contexts,
                     help="tokens seen in fewer windows keep the mean of their pieces (default %(default)s)")
     ap.add_argument("--seed", type=int, default=d.seed, help="seed of the window order (default %(default)s)")

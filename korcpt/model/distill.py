@@ -27,7 +27,7 @@ Output rows (Gemma ties its head to its embedding, and a distilled input row is 
 * ``ntp``: next-token prediction of the new output rows alone, everything else frozen, on the final
   hidden states of the windows read with the distilled input rows (``output_positions`` of them, cached
   once with each position's log-normaliser over the base rows; each step is a small matrix product),
-  started from ``mean``.
+  started from ``mean`` and pulled toward it (``output_pull``).
 
 The result is a directory written beside ``out_dir`` and renamed into place: ``rows.safetensors``
 (``input`` and ``output``, ``[new tokens, hidden]`` float32, and the first id) and ``report.json``
@@ -85,12 +85,14 @@ class DistillOptions:
     lr: float = 1e-3
     # Windows per optimizer step.
     batch_size: int = 8
-    # How the output rows are made: tied, mean, piece_fit or ntp (see the module doc); mean measured best.
-    output: str = "mean"
+    # How the output rows are made: tied, mean, piece_fit or ntp (see the module doc); ntp measured best.
+    output: str = "ntp"
     # Optimizer steps of the ntp output rows (full batch over the cached hidden states).
     output_steps: int = 100
+    # Pull of the ntp output rows toward the mean of their pieces (squared distance summed over rows).
+    output_pull: float = 1e-2
     # Positions whose final hidden states fit the output rows (windows sampled up to this many).
-    output_positions: int = 4096
+    output_positions: int = 32768
     # Windows held out of training to measure the distance before and after (at most this many).
     eval_windows: int = 32
     # A token seen in fewer windows than this keeps the mean of its pieces' rows (input and output).
@@ -283,20 +285,30 @@ def flops_per_token(model, layers: int) -> float:
     return 2.0 * sum(p.numel() for block in blocks for p in block.parameters())
 
 
-def cost(model, windows: list[Window], held_out: list[Window], opts: DistillOptions) -> dict:
-    """Tokens read and FLOPs: per epoch a teacher forward and a student forward and backward (~3 forwards)
-    over the training windows, and the held-out windows read before and after (teacher and student each);
-    the output rows' pass (``output_positions`` positions through every layer and the head) comes on top."""
+def cost(model, windows: list[Window], held_out: list[Window], fit: list[Window], count: int,
+         opts: DistillOptions) -> dict:
+    """Tokens read and FLOPs, before anything runs. Input rows: per epoch a teacher forward and a student
+    forward and backward (~3 forwards) of the matched layers over the training windows, and the held-out
+    windows read before and after. Output rows (ntp, piece_fit): the fit windows through every layer and
+    the head's log-normaliser, then ``output_steps`` products of their positions with the new rows."""
     teacher = sum(len(w.teacher) for w in windows)
     student = sum(len(w.student) for w in windows)
     held = sum(len(w.teacher) + len(w.student) for w in held_out)
     per_token = flops_per_token(model, matched_layers(model, opts.depth))
     flops = per_token * (opts.epochs * (teacher + 2 * student) + 2 * held)
+    positions = sum(len(w.student) - 1 for w in fit) if opts.output in ("ntp", "piece_fit") else 0
+    head = model.get_output_embeddings().weight
+    vocab, hidden = int(getattr(head, "ds_shape", head.shape)[0]), int(getattr(head, "ds_shape", head.shape)[1])
+    out_flops = positions * (flops_per_token(model, len(decoder_of(model).layers)) + 2 * vocab * hidden)
+    if opts.output == "ntp":
+        out_flops += opts.output_steps * positions * count * hidden * 6
     out = {"windows": len(windows), "held_out_windows": len(held_out), "teacher_tokens": teacher,
-           "student_tokens": student, "tokens_read": opts.epochs * (teacher + student) + 2 * held,
-           "flops_per_token": per_token, "flops": flops}
+           "student_tokens": student, "output_positions": positions,
+           "tokens_read": opts.epochs * (teacher + student) + 2 * held + positions,
+           "flops_per_token": per_token, "flops_input_rows": flops, "flops_output_rows": out_flops,
+           "flops": flops + out_flops}
     if opts.peak_tflops:
-        out["minutes_at_40pct_mfu"] = flops / (0.4 * opts.peak_tflops * 1e12) / 60
+        out["minutes_at_40pct_mfu"] = out["flops"] / (0.4 * opts.peak_tflops * 1e12) / 60
     return out
 
 
@@ -307,8 +319,8 @@ def bias_direction(hidden: torch.Tensor) -> torch.Tensor:
     """u with ``h . u ~= 1`` over the rows of ``hidden`` (ridge): adding ``c * u`` to an output row adds
     about ``c`` to its logit everywhere, the bias Gemma's head lacks."""
     h = hidden.double()
-    ridge = h.T @ h + 1e-2 * len(h) * torch.eye(h.shape[1], dtype=h.dtype)
-    return torch.linalg.solve(ridge, h.T @ torch.ones(len(h), dtype=h.dtype)).float()
+    ridge = h.T @ h + 1e-2 * len(h) * torch.eye(h.shape[1], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve(ridge, h.T @ torch.ones(len(h), dtype=h.dtype, device=h.device)).float()
 
 
 def output_windows(windows: list[Window], positions: int, seed: int) -> list[Window]:
@@ -325,7 +337,8 @@ def output_windows(windows: list[Window], positions: int, seed: int) -> list[Win
 
 
 def _final_states(model, windows: list[Window], pad: int, device, batch_size: int, student: bool):
-    """(final hidden states, next-token targets) at every position of the windows' student (or teacher) ids."""
+    """(final hidden states, next-token targets) at every position of the windows' student (or teacher) ids,
+    float32 on ``device`` (the fits that follow run where the model runs)."""
     decoder = decoder_of(model)
     hs, targets = [], []
     with torch.no_grad():
@@ -334,9 +347,16 @@ def _final_states(model, windows: list[Window], pad: int, device, batch_size: in
             seqs = [w.student if student else w.teacher for w in chunk]
             hidden = _hidden(decoder, seqs, pad, device).float()
             for i, s in enumerate(seqs):
-                hs.append(hidden[i, :len(s) - 1].cpu())
-                targets.append(torch.tensor(s[1:]))
+                hs.append(hidden[i, :len(s) - 1])
+                targets.append(torch.tensor(s[1:], device=hidden.device))
     return torch.cat(hs), torch.cat(targets)
+
+
+def _base_log_normaliser(h: torch.Tensor, weight: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """logsumexp of the base head's logits at each row of ``h`` (in chunks: [chunk, vocab] at a time, in
+    the head's dtype as the model computes them)."""
+    return torch.cat([torch.logsumexp((h[i:i + chunk].to(weight.dtype) @ weight.T).float(), -1)
+                      for i in range(0, len(h), chunk)])
 
 
 def piece_fit_rows(model, windows: list[Window], pieces: dict[int, list[int]], head_weight: torch.Tensor,
@@ -344,9 +364,9 @@ def piece_fit_rows(model, windows: list[Window], pieces: dict[int, list[int]], h
     """Output rows ``row(first piece) + r * u`` (module doc); returns them and each token's ``r``."""
     h, targets = _final_states(model, windows, pad, device, batch_size, student=False)
     u = bias_direction(h)
-    w = head_weight.float().cpu()
-    logz = torch.cat([torch.logsumexp(h[i:i + 512] @ w.T, -1) for i in range(0, len(h), 512)])
-    logp = (h * w[targets]).sum(-1) - logz  # log p(base target | context), every teacher position
+    logz = _base_log_normaliser(h, head_weight)
+    w = head_weight
+    logp = (h * w[targets].float()).sum(-1) - logz  # log p(base target | context), every teacher position
     # r_t: mean over t's occurrences of log p(piece 2..k | context, piece 1), read off the teacher's windows
     by_first: dict[tuple[int, ...], list[float]] = {}
     seq = torch.cat([torch.tensor(w.teacher[1:]) for w in windows]).tolist()
@@ -363,8 +383,8 @@ def piece_fit_rows(model, windows: list[Window], pieces: dict[int, list[int]], h
         ids = pieces[token]
         seen = by_first.get(tuple(ids), [])
         r[token] = sum(seen) / len(seen) if seen else 0.0
-        rows.append(w[ids[0]] + r[token] * u if ids else w[:first].mean(0))
-    return torch.stack(rows), r
+        rows.append(w[ids[0]].float() + r[token] * u if ids else w[:first].float().mean(0))
+    return torch.stack(rows).cpu(), r
 
 
 def ntp_rows(model, windows: list[Window], init: torch.Tensor, first: int, pad: int, device,
@@ -372,31 +392,33 @@ def ntp_rows(model, windows: list[Window], init: torch.Tensor, first: int, pad: 
     """Output rows for the new tokens trained by next-token prediction alone (module doc); returns them and
     the loss (nats per position) before and after."""
     h, targets = _final_states(model, windows, pad, device, opts.batch_size, student=True)
-    head = model.get_output_embeddings().weight[:first].detach().float().cpu()
-    logz_base = torch.cat([torch.logsumexp(h[i:i + 512] @ head.T, -1) for i in range(0, len(h), 512)])
+    head = model.get_output_embeddings().weight[:first].detach()
+    logz_base = _base_log_normaliser(h, head)
     is_new = targets >= first
-    base_logit = torch.zeros(len(h))
-    base_logit[~is_new] = (h[~is_new] * head[targets[~is_new]]).sum(-1)
-    del head
-    rows = init.detach().clone().float().requires_grad_(True)
+    base_logit = torch.zeros(len(h), device=h.device)
+    base_logit[~is_new] = (h[~is_new] * head[targets[~is_new]].float()).sum(-1)
+    init = init.detach().float().to(h.device)
+    rows = init.clone().requires_grad_(True)
     optim = torch.optim.Adam([rows], lr=opts.lr)
     new_index = (targets - first).clamp(0, len(init) - 1)
 
-    def loss_fn() -> torch.Tensor:
+    def nll() -> torch.Tensor:
         logits = h @ rows.T
         logz = torch.logaddexp(logz_base, torch.logsumexp(logits, -1))
         target = torch.where(is_new, logits.gather(1, new_index[:, None])[:, 0], base_logit)
         return (logz - target).mean()
 
     with torch.no_grad():
-        before = float(loss_fn())
+        before = float(nll())
     for _ in progress(range(opts.output_steps), desc="output rows", unit="step"):
         optim.zero_grad()
-        loss = loss_fn()
+        # the pull keeps rows of tokens seen a few times near their start: without it they overfit the
+        # windows (held-out bpc worse than the mean rows', bench/README.md)
+        loss = nll() + opts.output_pull * (rows - init).pow(2).sum()
         loss.backward()
         optim.step()
     with torch.no_grad():
-        return rows.detach(), [before, float(loss_fn())]
+        return rows.detach().cpu(), [before, float(nll())]
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -454,7 +476,8 @@ def distill_rows(opts: DistillOptions) -> dict:
     # every 10th window (at most eval_windows) measures the distance before and after, never trained on
     held_out = windows[::10][:opts.eval_windows] if len(windows) >= 10 else []
     train_windows = [w for w in windows if not any(w is h for h in held_out)]
-    spend = cost(model, train_windows, held_out, opts)
+    fit_windows = output_windows(windows, opts.output_positions, opts.seed)
+    spend = cost(model, train_windows, held_out, fit_windows, count, opts)
     log.info("distilling %d new rows from %d windows: %s tokens read, %.3g FLOPs%s", count, len(train_windows),
              f"{spend['tokens_read']:,}", spend["flops"],
              f", ~{spend['minutes_at_40pct_mfu']:.1f} min at 40% of {opts.peak_tflops} TFLOP/s"
@@ -475,7 +498,6 @@ def distill_rows(opts: DistillOptions) -> dict:
     input_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
     with torch.no_grad():  # the model now reads the distilled rows (the output side needs its hidden states)
         emb.weight[first:first + count] = input_rows.to(emb.weight.dtype)
-    fit_windows = output_windows(windows, opts.output_positions, opts.seed)
     out_rows, extra = output_rows(model, fit_windows, base_tok, new_tok, mean_rows, input_rows, first, pad,
                                     device, opts)
     out_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
