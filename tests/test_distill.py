@@ -45,6 +45,10 @@ def test_distillation_beats_the_mean_initialisation(distilled, name):
     assert len(tokens) == report["new_tokens"] - report["too_few_contexts"]["count"] > 0
     assert all(t["loss_last_epoch"] is not None for t in tokens if t["contexts"] >= 2)
     assert report["ntp_loss"][1] < report["ntp_loss"][0]
+    cost = report["cost"]
+    assert cost["flops"] == cost["flops_input_rows"] + cost["flops_output_rows"] > 0
+    assert cost["tokens_read"] == (report["options"]["epochs"] * (cost["teacher_tokens"] + cost["student_tokens"])
+                                   + 2 * cost["held_out_tokens"] + cost["output_positions"])
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f"{name}.")) == []  # no staging left
 
 

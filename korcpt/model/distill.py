@@ -31,7 +31,8 @@ Output rows (Gemma ties its head to its embedding, and a distilled input row is 
 
 The result is a directory written beside ``out_dir`` and renamed into place: ``rows.safetensors``
 (``input`` and ``output``, ``[new tokens, hidden]`` float32, and the first id) and ``report.json``
-(settings, cost, per-token losses before and after, tokens with too few contexts and what they got).
+(settings; the cost, also logged before anything runs; the distance on held-out windows before and after;
+each token's contexts and distance; the tokens with too few contexts and what they got).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -303,7 +305,7 @@ def cost(model, windows: list[Window], held_out: list[Window], fit: list[Window]
     if opts.output == "ntp":
         out_flops += opts.output_steps * positions * count * hidden * 6
     out = {"windows": len(windows), "held_out_windows": len(held_out), "teacher_tokens": teacher,
-           "student_tokens": student, "output_positions": positions,
+           "student_tokens": student, "held_out_tokens": held, "output_positions": positions,
            "tokens_read": opts.epochs * (teacher + student) + 2 * held + positions,
            "flops_per_token": per_token, "flops_input_rows": flops, "flops_output_rows": out_flops,
            "flops": flops + out_flops}
@@ -470,12 +472,13 @@ def distill_rows(opts: DistillOptions) -> dict:
     device = torch.device(opts.device)
     pad = new_tok.pad_token_id if new_tok.pad_token_id is not None else 0
     texts = unique_texts(Path(opts.corpus))
-    windows, counts = select_windows(texts, base_tok, new_tok, first, opts)
+    windows, _ = select_windows(texts, base_tok, new_tok, first, opts)
     if not windows:
         raise DataError(f"no window of {opts.corpus} holds a new token of {opts.tokenizer}")
     # every 10th window (at most eval_windows) measures the distance before and after, never trained on
     held_out = windows[::10][:opts.eval_windows] if len(windows) >= 10 else []
     train_windows = [w for w in windows if not any(w is h for h in held_out)]
+    counts = Counter(t for w in train_windows for t in set(w.new))  # contexts a row is trained on
     fit_windows = output_windows(windows, opts.output_positions, opts.seed)
     spend = cost(model, train_windows, held_out, fit_windows, count, opts)
     log.info("distilling %d new rows from %d windows: %s tokens read, %.3g FLOPs%s", count, len(train_windows),
