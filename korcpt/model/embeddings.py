@@ -13,6 +13,11 @@ a multiple of 64, and initialises:
   id reads as an "average token" rather than as zeros;
 * every other row stays bit-identical, and tied weights stay tied.
 
+Distilled rows (:mod:`korcpt.model.distill`, ``model.new_rows``) replace the new tokens' mean rows
+after this: :func:`apply_new_rows` writes the input rows into the embedding and gives the output rows a
+head of their own (:class:`korcpt.model.lora.NewTokenHead`); :func:`write_rows`/:func:`read_rows` own
+their file.
+
 Under DeepSpeed ZeRO-3 the weights are gathered (``GatheredParameters``, rank 0 writes) and
 re-partitioned on exit. Resize before ``deepspeed.initialize`` / ``accelerator.prepare``: the engine
 then partitions the new, larger parameter like any other.
