@@ -53,6 +53,6 @@ def distilled_tiny(tmp_path_factory, pretrained_tiny, extended_tiny) -> Path:
     tok = extended_tiny[0]
     out = tmp_path_factory.mktemp("distilled_tiny") / "rows"
     distill_rows(DistillOptions(model=str(pretrained_tiny), tokenizer=tok, corpus=tok.parent / "corpus.jsonl",
-                                out_dir=out, contexts_per_token=4, context_tokens=24, epochs=3, lr=0.002, depth=1.0, output="ntp",
-                                output_steps=20, attn_implementation="eager"))
+                                out_dir=out, contexts_per_token=4, context_tokens=24, epochs=3, lr=0.002, depth=1.0,
+                                output="ntp", output_steps=20, attn_implementation="eager"))
     return out

@@ -20,8 +20,8 @@ from tinyrun import ROOT
 
 def options(pretrained, tokenizer, out, **kw) -> DistillOptions:
     values = dict(model=str(pretrained), tokenizer=tokenizer, corpus=tokenizer.parent / "corpus.jsonl", out_dir=out,
-                  contexts_per_token=4, context_tokens=24, epochs=3, lr=0.002, depth=1.0, output="ntp", batch_size=8, output_steps=20,
-                  attn_implementation="eager")
+                  contexts_per_token=4, context_tokens=24, epochs=3, lr=0.002, depth=1.0, output="ntp",
+                  batch_size=8, output_steps=20, attn_implementation="eager")
     return DistillOptions(**{**values, **kw})
 
 

@@ -2,12 +2,12 @@
 
 Mental model::
 
-    corpus documents ──extended tokenizer──> windows holding new tokens ──base tokenizer──> same text, base pieces
-                                                    │                                            │
-                                     model reads new rows (student)              frozen model reads pieces (teacher)
-                                                    └──── MSE of hidden states after L layers, ────────┘
-                                                          at every position both tokenizations share
-                                                          -> gradient into the new input rows only
+    corpus ──extended tokenizer──> windows holding new tokens ──base tokenizer──> the same text in base pieces
+                                          │                                               │
+                        model reads the new rows (student)             frozen model reads the pieces (teacher)
+                                          └──── MSE of hidden states after L layers ──────┘
+                                                at every position both segmentations share
+                                                -> gradient into the new input rows only
 
 The extension (:mod:`korcpt.vocab.extend`) only merges base tokens, so every boundary of the extended
 segmentation is one of the base segmentation: each extended token ``j`` lines up with the base token that
@@ -177,7 +177,8 @@ def document_windows(text: str, base_tok, new_tok, first_new: int, context_token
             yield window
 
 
-def select_windows(texts: list[str], base_tok, new_tok, first_new: int, opts: DistillOptions) -> tuple[list[Window], dict[int, int]]:
+def select_windows(texts: list[str], base_tok, new_tok, first_new: int,
+                   opts: DistillOptions) -> tuple[list[Window], dict[int, int]]:
     """Windows in a seeded order, each kept while one of its new tokens has fewer than
     ``contexts_per_token`` kept windows; returns them and each new token's count of kept windows."""
     order = list(range(len(texts)))
@@ -249,7 +250,8 @@ def window_loss(decoder, windows: list[Window], pad: int, device) -> tuple[torch
     return per_position.mean(), per_position.detach()
 
 
-def add_token_losses(sums: dict[int, list[float]], windows: list[Window], per_position: torch.Tensor, first: int) -> None:
+def add_token_losses(sums: dict[int, list[float]], windows: list[Window], per_position: torch.Tensor,
+                     first: int) -> None:
     """Add each new token's relative distance at its own positions to ``sums`` (token -> [sum, count])."""
     k = 0
     for w in windows:

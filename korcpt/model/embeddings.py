@@ -174,7 +174,8 @@ def read_rows(directory: str | Path) -> tuple[int, torch.Tensor, torch.Tensor]:
 
     path = Path(directory) / ROWS_FILE
     if not path.is_file():
-        raise ModelError(f"model.new_rows: {directory} has no {ROWS_FILE} (expected the output of tools/distill_rows.py)")
+        raise ModelError(f"model.new_rows: {directory} has no {ROWS_FILE} "
+                         "(expected the output of tools/distill_rows.py)")
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
         if "first_id" not in meta or set(fh.keys()) != {"input", "output"}:
@@ -198,7 +199,8 @@ def apply_new_rows(model, directory: str | Path, new_ids: list[int]) -> None:
     expected = (new_ids[0], len(new_ids), hidden) if new_ids else (None, 0, hidden)
     if (first, len(inputs), inputs.shape[1]) != expected or outputs.shape != inputs.shape:
         raise ModelError(f"model.new_rows: {directory} holds {len(inputs)} rows of {inputs.shape[1]} from id {first}; "
-                         f"expected {expected[1]} rows of {hidden} from id {expected[0]} (rows of another tokenizer or model?)")
+                         f"expected {expected[1]} rows of {hidden} from id {expected[0]} "
+                         "(rows of another tokenizer or model?)")
     with _gathered([emb.weight]) as writer:
         if writer:
             with torch.no_grad():
