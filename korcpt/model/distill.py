@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from korcpt.errors import DataError, ModelError
 from korcpt.log import get_logger, progress
 from korcpt.model.embeddings import ROWS_FILE, piece_ids, write_rows
-from korcpt.model.lora import NewTokenRows, _module_name, _replace
+from korcpt.model.lora import NewTokenRows, module_name, replace_module
 from korcpt.vocab.extend import read_texts
 
 log = get_logger(__name__)
@@ -494,11 +494,11 @@ def distill_rows(opts: DistillOptions) -> dict:
     emb = decoder.embed_tokens
     mean_rows = emb.weight.detach()[first:first + count].float().clone()
     rows = NewTokenRows(emb, first, count)
-    _replace(decoder, _module_name(decoder, emb), rows)
+    replace_module(decoder, module_name(decoder, emb), rows)
     try:
         input_rows, losses = _train_input_rows(decoder, rows, train_windows, held_out, pad, device, opts)
     finally:
-        _replace(decoder, _module_name(decoder, rows), emb)
+        replace_module(decoder, module_name(decoder, rows), emb)
     few = sorted(t for t in new_ids if counts.get(t, 0) < opts.min_contexts)
     input_rows[[t - first for t in few]] = mean_rows[[t - first for t in few]]
     with torch.no_grad():  # the model now reads the distilled rows (the output side needs its hidden states)

@@ -191,7 +191,7 @@ def apply_new_rows(model, directory: str | Path, new_ids: list[int]) -> None:
     Raises:
         ModelError: the file's rows are for other ids or another hidden size than the model's.
     """
-    from korcpt.model.lora import NewTokenHead, _module_name, _replace
+    from korcpt.model.lora import NewTokenHead, module_name, replace_module
 
     first, inputs, outputs = read_rows(directory)
     emb = model.get_input_embeddings()
@@ -206,5 +206,5 @@ def apply_new_rows(model, directory: str | Path, new_ids: list[int]) -> None:
             with torch.no_grad():
                 emb.weight[first:first + len(inputs)] = inputs.to(emb.weight.dtype)
     head = model.get_output_embeddings()
-    _replace(model, _module_name(model, head), NewTokenHead(head, first, len(inputs), rows=outputs))
+    replace_module(model, module_name(model, head), NewTokenHead(head, first, len(inputs), rows=outputs))
     log.info("new rows from %s: %d input rows, %d output rows of their own", directory, len(inputs), len(outputs))

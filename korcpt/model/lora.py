@@ -172,15 +172,17 @@ def _train_full_embedding_in_fp32(inner: nn.Module, emb: nn.Embedding) -> None:
     if isinstance(head, NewTokenHead):  # untied new rows: the shared base part is cast, its own rows as they are
         head.base = CastHead(head.base)
     elif head is not None and head.weight is weight:
-        _replace(inner, _module_name(inner, head), CastHead(head))
+        replace_module(inner, module_name(inner, head), CastHead(head))
 
 
-def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    """Put ``module`` where ``model`` has the submodule named ``dotted``."""
     parent_name, _, child = dotted.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _module_name(model: nn.Module, target: nn.Module) -> str:
+def module_name(model: nn.Module, target: nn.Module) -> str:
+    """The dotted name of ``target`` inside ``model``."""
     for name, module in model.named_modules():
         if module is target:
             return name
@@ -217,11 +219,11 @@ def apply_lora(model: nn.Module, lcfg: LoraConfig, new_token_ids: list[int], see
         if sorted(new_token_ids) != list(range(first, first + count)):
             raise ValueError("new token ids must be contiguous")
         rows = NewTokenRows(emb, first, count)
-        _replace(inner, _module_name(inner, emb), rows)
+        replace_module(inner, module_name(inner, emb), rows)
         if head is not None and not isinstance(head, NewTokenHead):
             if head.weight is not emb.weight:
                 raise NotImplementedError("new_tokens with an untied output head is not supported yet")
-            _replace(inner, _module_name(inner, head), NewTokenHead(head, first, count, rows_owner=rows))
+            replace_module(inner, module_name(inner, head), NewTokenHead(head, first, count, rows_owner=rows))
     return peft_model
 
 

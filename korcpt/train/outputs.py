@@ -16,7 +16,7 @@ import torch
 
 from korcpt import assets
 from korcpt.config import ModelConfig, RunConfig
-from korcpt.model.lora import trained_rows, untied_head
+from korcpt.model.lora import module_name, trained_rows, untied_head
 from korcpt.shards.format import atomic_write_json
 from korcpt.train.metrics import mfu, versions
 
@@ -47,13 +47,6 @@ def _master_value(param: torch.nn.Parameter) -> torch.Tensor:
         return param.detach().clone()
 
 
-def _module_path(base_model, module) -> str:
-    for name, candidate in base_model.named_modules():
-        if candidate is module:
-            return name
-    raise RuntimeError(f"{type(module).__name__} not found in the model")
-
-
 def _param_name(model, param) -> str:
     return next(n for n, p in model.named_parameters() if p is param)
 
@@ -79,14 +72,14 @@ def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], l
     ids, rows = trained_rows(base, cfg.lora, vocab)
     if ids:
         rows = full[_param_name(unwrapped, rows)][:len(ids)]
-        path = _module_path(base, base.get_input_embeddings())
+        path = module_name(base, base.get_input_embeddings())
         state[f"base_model.model.{path}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
     head = untied_head(base)
     out_ids: list[int] = []
     if head is not None:
         out_ids = list(range(head.first + head.count - 1, head.first - 1, -1))
         rows = full[_param_name(unwrapped, head.rows)].flip(0)
-        state[f"base_model.model.{_module_path(base, head)}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
+        state[f"base_model.model.{module_name(base, head)}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
     return state, ids, out_ids
 
 
