@@ -29,7 +29,6 @@ demo's config and these overrides.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -150,7 +149,7 @@ def init_study(model_name: str, work: Path, texts: list[str], rows_report: dict)
     with torch.no_grad():
         emb[first:first + count] = inputs
     opts = distill.DistillOptions(**rows_report["options"])
-    windows, _ = distill.select_windows(distill.unique_texts(Path(opts.corpus)), base_tok, tok, first, opts)
+    windows = distill.select_windows(distill.unique_texts(Path(opts.corpus)), base_tok, tok, first, opts)
     fit = distill.output_windows(windows, opts.output_positions, opts.seed)
     heads = {}
     for mode in distill.OUTPUT_MODES:

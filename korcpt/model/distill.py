@@ -38,7 +38,6 @@ each token's contexts and distance; the tokens with too few contexts and what th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -48,11 +47,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from korcpt.errors import DataError, ModelError
 from korcpt.log import get_logger, progress
-from korcpt.model.embeddings import ROWS_FILE, piece_ids, write_rows
+from korcpt.model.embeddings import piece_ids, write_rows
 from korcpt.model.lora import NewTokenRows, module_name, replace_module
 from korcpt.vocab.extend import read_texts
 
@@ -177,10 +175,9 @@ def document_windows(text: str, base_tok, new_tok, first_new: int, context_token
             yield window
 
 
-def select_windows(texts: list[str], base_tok, new_tok, first_new: int,
-                   opts: DistillOptions) -> tuple[list[Window], dict[int, int]]:
+def select_windows(texts: list[str], base_tok, new_tok, first_new: int, opts: DistillOptions) -> list[Window]:
     """Windows in a seeded order, each kept while one of its new tokens has fewer than
-    ``contexts_per_token`` kept windows; returns them and each new token's count of kept windows."""
+    ``contexts_per_token`` kept windows."""
     order = list(range(len(texts)))
     random.Random(opts.seed).shuffle(order)
     counts: dict[int, int] = {}
@@ -193,7 +190,7 @@ def select_windows(texts: list[str], base_tok, new_tok, first_new: int,
             kept.append(window)
             for t in distinct:
                 counts[t] = counts.get(t, 0) + 1
-    return kept, counts
+    return kept
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -277,9 +274,9 @@ def mean_loss(decoder, windows: list[Window], pad: int, device, batch_size: int)
 # --------------------------------------------------------------------------------------------- cost
 
 
-def matched_layers(model, depth: float) -> int:
-    """How many decoder layers the distillation runs: ``depth`` of them, at least one."""
-    return max(1, round(depth * len(decoder_of(model).layers)))
+def matched_layers(decoder, depth: float) -> int:
+    """How many of ``decoder``'s layers the distillation runs: ``depth`` of them, at least one."""
+    return max(1, round(depth * len(decoder.layers)))
 
 
 def flops_per_token(model, layers: int) -> float:
@@ -298,7 +295,7 @@ def cost(model, windows: list[Window], held_out: list[Window], fit: list[Window]
     teacher = sum(len(w.teacher) for w in windows)
     student = sum(len(w.student) for w in windows)
     held = sum(len(w.teacher) + len(w.student) for w in held_out)
-    per_token = flops_per_token(model, matched_layers(model, opts.depth))
+    per_token = flops_per_token(model, matched_layers(decoder_of(model), opts.depth))
     flops = per_token * (opts.epochs * (teacher + 2 * student) + 2 * held)
     positions = sum(len(w.student) - 1 for w in fit) if opts.output in ("ntp", "piece_fit") else 0
     head = model.get_output_embeddings().weight
@@ -474,7 +471,7 @@ def distill_rows(opts: DistillOptions) -> dict:
     device = torch.device(opts.device)
     pad = new_tok.pad_token_id if new_tok.pad_token_id is not None else 0
     texts = unique_texts(Path(opts.corpus))
-    windows, _ = select_windows(texts, base_tok, new_tok, first, opts)
+    windows = select_windows(texts, base_tok, new_tok, first, opts)
     if not windows:
         raise DataError(f"no window of {opts.corpus} holds a new token of {opts.tokenizer}")
     # every 10th window (at most eval_windows) measures the distance before and after, never trained on
@@ -529,7 +526,7 @@ def _train_input_rows(decoder, rows: NewTokenRows, windows: list[Window], held_o
     epoch (before each step)."""
     bs = opts.batch_size
     full_layers = decoder.layers
-    layers = max(1, round(opts.depth * len(full_layers)))
+    layers = matched_layers(decoder, opts.depth)
     with first_layers(decoder, layers):
         before = mean_loss(decoder, held_out, pad, device, bs) if held_out else None
         optim = torch.optim.Adam([rows.rows], lr=opts.lr)
