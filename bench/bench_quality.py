@@ -29,6 +29,7 @@ demo's config and these overrides.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -43,24 +44,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HELD_OUT = ROOT / "data" / "heldout" / "medical_ko.txt"
 
 
-def variants(steps: int, work: Path) -> list[tuple[str, list[str]]]:
-    """(row name, config overrides) of every trained model at ``steps`` optimizer steps."""
-    return [(f"lora only (base tokenizer), {steps} steps",
-             [f"data.shards={work / 'base_shards'}", "model.tokenizer=''", "lora.embeddings=frozen",
-              f"train.max_steps={steps}"]),
-            (f"extended, mean rows, {steps} steps", [f"train.max_steps={steps}"]),
-            (f"extended, distilled rows, {steps} steps", [f"model.new_rows={work / 'rows'}", f"train.max_steps={steps}"])]
+def variants(work: Path) -> list[tuple[str, list[str]]]:
+    """(row name, config overrides) of every trained model."""
+    return [("lora only (base tokenizer)",
+             [f"data.shards={work / 'base_shards'}", "model.tokenizer=''", "lora.embeddings=frozen"]),
+            ("extended, mean rows", []),
+            ("extended, distilled rows", [f"model.new_rows={work / 'rows'}"])]
 
 
-def build(work: Path, base_cfg: str, steps: int, seq_len: int, new_tokens: int, overrides: list[str]) -> dict:
-    """The demo's data (extended tokenizer and its shards) plus shards of the same corpus with the base tokenizer."""
+def build(work: Path, base_cfg: str, steps: list[int], seq_len: int, new_tokens: int, overrides: list[str]) -> dict:
+    """The demo's data (extended tokenizer and its shards) plus shards of the same corpus with the base
+    tokenizer; the overrides of a run of ``max(steps)`` steps that scores the held-out text at each of ``steps``."""
     import demo
 
     from korcpt.config import load_config
     from korcpt.shards.writer import ShardOptions, write_shards
 
-    sets = [f"data.shards={work / 'shards'}", f"model.tokenizer={work / 'tokenizer'}", f"train.max_steps={steps}",
-            "train.save_steps=0", "eval.steps=0", "eval.mcq_file=", *overrides]
+    sets = [f"data.shards={work / 'shards'}", f"model.tokenizer={work / 'tokenizer'}", f"train.max_steps={max(steps)}",
+            "train.save_steps=0", f"eval.steps={math.gcd(*steps)}", f"eval.heldout_file={HELD_OUT}", "eval.mcq_file=",
+            *overrides]
     draft = load_config(base_cfg, sets, check_files=False)
     built = demo.build_data(draft, seq_len, new_tokens)
     write_shards(work / "raw_text_mixed.jsonl", work / "base_shards", ShardOptions(
@@ -81,19 +83,17 @@ def score(model_name: str, texts: list[str], **kwargs) -> dict:
     return score_text(*load_for_eval(model_name, **kwargs), texts)
 
 
-def train_row(base_cfg: str, sets: list[str], extra: list[str], out: Path) -> tuple[dict, dict]:
-    """Train one variant; returns (training_info, the trained model's held-out score)."""
+def train_row(base_cfg: str, sets: list[str], extra: list[str], out: Path) -> dict:
+    """Train one variant; its training_info (``history`` holds ``heldout_bpc`` of every evaluation)."""
     from korcpt.config import load_config
     from korcpt.train.loop import train
 
-    cfg = load_config(base_cfg, [*sets, *extra, f"output.dir={out}", "output.adapter=last"])
-    info = train(cfg)
-    return info, score(cfg.model.name, held_out_texts(), adapter=out, tokenizer=cfg.model.tokenizer or None)
+    return train(load_config(base_cfg, [*sets, *extra, f"output.dir={out}", "output.adapter=last"]))
 
 
-def chars_trained(info: dict, tokens_per_100_chars: float) -> float:
-    """Characters the run's tokens cover, at the held-out text's density (an estimate)."""
-    return info["tokens_seen"] * 100.0 / tokens_per_100_chars
+def curve(info: dict) -> dict[int, float]:
+    """Held-out bpc of a run at each evaluated step."""
+    return {h["step"]: h["heldout_bpc"] for h in info["history"] if h.get("heldout_bpc") is not None}
 
 
 # ---------------------------------------------------------------- the initialisation study (untrained rows)
@@ -167,7 +167,8 @@ def init_study(model_name: str, work: Path, texts: list[str], rows_report: dict)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs/demo_270m.yaml"))
-    ap.add_argument("--steps", type=int, nargs="+", default=[20, 60], help="optimizer steps of the trained rows (a curve)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[20, 60, 120],
+                    help="the budget curve: held-out bpc after each of these optimizer steps of one run per model")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=1024)
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench_quality")
@@ -175,48 +176,53 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny steps and texts (a check that it runs)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.steps, args.seq_len, args.new_tokens = [2], 64, 64
+        args.steps, args.seq_len, args.new_tokens = [1, 2], 64, 64
         args.set += ["train.micro_batch_size=1", "train.grad_accum=1", "train.warmup_steps=0"]
     start = time.time()
     work = args.workdir
-    built = build(work, args.config, max(args.steps), args.seq_len, args.new_tokens, args.set)
+    built = build(work, args.config, args.steps, args.seq_len, args.new_tokens, args.set)
     from korcpt.config import load_config
 
     cfg = load_config(args.config, built["sets"])
     texts = held_out_texts()[:4] if args.smoke else held_out_texts()
-    results = [("base", score(cfg.model.name, texts), None)]
-    results += [(name, r, None) for name, r in init_study(cfg.model.name, work, texts, built["rows"])]
-    for steps in args.steps:
-        for name, extra in variants(steps, work):
-            info, result = train_row(args.config, built["sets"], extra, work / "runs" / str(len(results)))
-            results.append((name, result, info))
-    print(table(results, built, args, time.time() - start))
+    untrained = [("base", score(cfg.model.name, texts))]
+    untrained += init_study(cfg.model.name, work, texts, built["rows"])
+    trained = [(name, train_row(args.config, built["sets"], extra, work / "runs" / f"{i}-{name.split(' ')[0]}"))
+               for i, (name, extra) in enumerate(variants(work))]
+    print(table(untrained, trained, built, args, time.time() - start))
     return 0
 
 
-def table(results: list[tuple[str, dict, dict | None]], built: dict, args, seconds: float) -> str:
-    base_bpc = results[0][1]["bpc"]
-    lora = next(r for n, r, _ in results if n.startswith("lora only"))  # the smallest budget's, for untrained rows
-    pad = next(r["pad_mass"] for _, r, _ in results if "pad_mass" in r)
+def table(untrained: list[tuple[str, dict]], trained: list[tuple[str, dict]], built: dict, args, seconds: float) -> str:
+    """The untrained rows, then the budget curve: each trained model's held-out bpc at each budget,
+    against the base and against LoRA only at the same step."""
+    base = untrained[0][1]
     rows = built["rows"]
-    lines = [f"held-out bits/char, {HELD_OUT.name} ({results[0][1]['chars']} chars, never trained on); "
+    lines = [f"held-out bits/char, {HELD_OUT.name} ({base['chars']} chars, never trained on); "
              f"+{built['new_tokens']} tokens; {args.seq_len}-token sequences; {seconds:.0f} s",
              f"distillation: {rows['seconds']:.0f} s, {rows['cost']['tokens_read']:,} tokens read "
              f"({rows['cost']['flops']:.3g} FLOPs), depth {rows['options']['depth']}, "
              f"{rows['options']['contexts_per_token']} contexts x {rows['options']['context_tokens']} tokens, "
              f"distance {rows['loss_mean_init']:.4f} -> {rows['loss_final']:.4f} on held-out windows",
-             f"{'model':44s} {'bpc':>6s} {'vs base':>8s} {'vs lora':>8s} {'tok/100ch':>9s} {'tokens trained':>14s}"
-             f" {'~chars trained':>14s} {'train s':>8s} {'chars/s':>8s}"]
-    for name, r, info in results:
-        trained = (f"{info['tokens_seen']:14,d} {chars_trained(info, r['tokens_per_100_chars']):14,.0f} "
-                   f"{info['train_seconds']:8.0f} {chars_trained(info, r['tokens_per_100_chars']) / info['train_seconds']:8.1f}"
-                   if info else f"{'-':>14s} {'-':>14s} {'-':>8s} {'-':>8s}")
-        same = [x for n, x, _ in results if n.startswith("lora only") and n.split(", ")[-1] == name.split(", ")[-1]]
-        ref = same[0] if same and info else lora
-        lines.append(f"{name:44s} {r['bpc']:6.3f} {r['bpc'] / base_bpc - 1:+8.1%} {r['bpc'] / ref['bpc'] - 1:+8.1%} "
-                     f"{r['tokens_per_100_chars']:9.1f} {trained}")
-    lines.append(f"63 padding rows (the most a multiple of 64 adds), at the mean of all rows, would take "
-                 f"{pad:.2e} of the softmax mass per position")
+             f"{'untrained':44s} {'bpc':>6s} {'vs base':>8s} {'tok/100ch':>9s} {'pad mass':>9s}"]
+    for name, r in untrained:
+        pad = f"{r['pad_mass']:9.2e}" if "pad_mass" in r else f"{'-':>9s}"
+        lines.append(f"{name:44s} {r['bpc']:6.3f} {r['bpc'] / base['bpc'] - 1:+8.1%} {r['tokens_per_100_chars']:9.1f} {pad}")
+    lines.append("pad mass: the softmax mass 63 padding rows (the most a multiple of 64 adds) at the mean of all rows "
+                 "would take per position")
+    density = {"lora only": base["tokens_per_100_chars"], "extended": untrained[1][1]["tokens_per_100_chars"]}
+    lora = curve(trained[0][1])
+    points = [0, *args.steps]  # 0: the run's own baseline evaluation, the untrained row again
+    lines.append(f"trained: one run of {max(args.steps)} steps each (warmup, cosine to 10% over the run), "
+                 "held-out bpc at each step (vs base / vs LoRA only at the same step)")
+    lines.append(f"{'model':28s} {'tokens':>8s} {'~chars':>8s} {'train s':>8s} {'chars/s':>8s} "
+                 + " ".join(f"{f'{s} steps':>22s}" for s in points))
+    for name, info in trained:
+        chars = info["tokens_seen"] * 100.0 / density[name.split(" (")[0].split(",")[0]]
+        bpc = curve(info)
+        cells = " ".join(f"{bpc[s]:6.3f} {bpc[s] / base['bpc'] - 1:+7.1%} {bpc[s] / lora[s] - 1:+7.1%}" for s in points)
+        lines.append(f"{name:28s} {info['tokens_seen']:8,d} {chars:8,.0f} {info['train_seconds']:8.0f} "
+                     f"{chars / info['train_seconds']:8.1f} {cells}")
     return "\n".join(lines)
 
 

@@ -133,6 +133,9 @@ class EvalConfig:
     per_epoch: int = 0
     # Cap on validation sequences (the first N of the val shards in stored order; 0: all).
     max_val_sequences: int = 0
+    # Text never trained on (.txt: a document a line; .jsonl: {"text"} a line), scored with every
+    # validation evaluation in bits per character (heldout_bpc), which compares tokenizers (empty: off).
+    heldout_file: str = ""
     # KorMedMCQA-format JSONL to score (empty: no MCQ evaluation).
     mcq_file: str = ""
     # Few-shot examples file in the same format (empty: zero-shot).
@@ -430,7 +433,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> list[str]:
         shards = resolve_path(cfg, cfg.data.shards)
         need((shards / "manifest.json").is_file(),
              f"data.shards: no manifest.json in {shards} (build it with tools/build_shards.py --out {cfg.data.shards})")
-    for key, value in (("eval.mcq_file", e.mcq_file), ("eval.mcq_fewshot_file", e.mcq_fewshot_file)):
+    for key, value in (("eval.mcq_file", e.mcq_file), ("eval.mcq_fewshot_file", e.mcq_fewshot_file),
+                       ("eval.heldout_file", e.heldout_file)):
         if value:
             need(resolve_path(cfg, value).is_file(), f"{key}: file not found: {value}")
     if m.new_rows:

@@ -60,6 +60,7 @@ def test_seed_flags_are_overrides_and_set_wins(tmp_path, shards):
     ({"train": {"grad_accum": 0}}, "train.grad_accum must be >= 1, found 0"),
     ({"lora": {"dropout": 1.5}}, "lora.dropout must be in [0, 1), found 1.5"),
     ({"eval": {"mcq_file": "nope.jsonl"}}, "eval.mcq_file: file not found: nope.jsonl"),
+    ({"eval": {"heldout_file": "nope.txt"}}, "eval.heldout_file: file not found: nope.txt"),
     ({"train": {"lr": float("nan")}}, "train.lr: must be finite"),
 ])
 def test_bad_values_name_the_key_and_the_file(tmp_path, shards, data, needle):

@@ -134,6 +134,21 @@ def test_the_spec_stop_rule_is_on_and_can_trigger(name):
         assert steps_per_epoch // every >= e.per_epoch > e.patience
 
 
+def test_a_heldout_file_with_a_bad_line_is_read_with_the_skip_counted(tmp_path, caplog):
+    from korcpt.config import RunConfig
+    from korcpt.train.evaluation import load_heldout_for_run
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text('{"text": "천식은 기도 질환이다."}\n[1, 2]\n{"text": "빈혈이다."}\n', encoding="utf-8")
+    cfg = RunConfig()
+    cfg.eval.heldout_file = str(path)
+    assert load_heldout_for_run(cfg) == ["천식은 기도 질환이다.", "빈혈이다."]
+    assert 'eval.heldout_file: 1 lines skipped, first: heldout.jsonl:2: expected an object with a non-empty "text"' \
+        in caplog.text
+    cfg.eval.heldout_file = ""
+    assert load_heldout_for_run(cfg) == []
+
+
 def test_evaluation_cadence():
     from korcpt.config import EvalConfig
     from korcpt.errors import ConfigError

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinyrun import ROOT, initial_adapter, moved_fractions, run_config
+from tinyrun import ROOT, heldout_text, initial_adapter, moved_fractions, run_config
 
 LAUNCHERS = {
     "ddp": "configs/accelerate/cpu_ddp.yaml",
@@ -52,7 +52,8 @@ def launch(tmp_path: Path, data, model_dir: Path, name: str, mode: str, embeddin
                      # the same global batch (4 sequences) in both: 1 x 4 on one process, 1 x 2 on each of two
                      train={"max_steps": 3, "micro_batch_size": 1, "grad_accum": 4 if mode == "one" else 2,
                             "warmup_steps": 0, "loss_chunk_tokens": CASES[embeddings], **train},
-                     eval={"steps": 0, "max_val_sequences": 8, "batch_size": 2})
+                     eval={"steps": 0, "max_val_sequences": 8, "batch_size": 2,
+                           "heldout_file": str(heldout_text(tmp_path / "heldout.txt"))})
     env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if mode == "one":
         cmd = [sys.executable, script, "--config", str(cfg)]
@@ -102,6 +103,8 @@ def test_one_process_ddp_zero2_zero3_agree(tmp_path, request, pretrained_tiny, e
         assert losses == pytest.approx(ref, rel=1e-5), mode
         assert info[mode]["val_loss_baseline"] == pytest.approx(info["one"]["val_loss_baseline"], rel=1e-5), mode
         assert info[mode]["val_loss_final"] == pytest.approx(info["one"]["val_loss_final"], rel=1e-5), mode
+        for key in ("heldout_bpc_baseline", "heldout_bpc_final"):  # every rank scores every text
+            assert info[mode][key] == pytest.approx(info["one"][key], rel=1e-5), (mode, key)
         got = load_file(str(runs[mode] / "adapter_model.safetensors"))
         assert got.keys() == ref_adapter.keys(), mode
         for key, value in ref_adapter.items():
@@ -167,6 +170,7 @@ def assert_bf16_run_matches(out: Path, ref: Path, mode: str, initial: dict) -> N
     print(f"[bf16] {out.name}: losses within rel {worst:.2e} of float32")
     assert losses(out) == pytest.approx(losses(ref), rel=BF16_REL), mode
     assert run_info(out)["val_loss_final"] == pytest.approx(run_info(ref)["val_loss_final"], rel=BF16_REL), mode
+    assert run_info(out)["heldout_bpc_final"] == pytest.approx(run_info(ref)["heldout_bpc_final"], rel=BF16_REL), mode
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert all(v.dtype == torch.float32 for v in saved.values()), mode  # the float32 masters, not bf16 copies
     moved = moved_fractions(initial, saved)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from korcpt.config import load_config
 from korcpt.train.loop import train
-from tinyrun import ROOT, run_config
+from tinyrun import ROOT, heldout_text, run_config
 
 
 def run(tmp_path: Path, tiny_data, name: str, resume: str = "", **sections) -> tuple[dict, Path]:
@@ -33,7 +33,9 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_falls_and_the_output_layout_is_complete(tmp_path, tiny_data):
-    info, out = run(tmp_path, tiny_data, "basic", train={"max_steps": 12, "lr": 0.01}, eval={"steps": 6})
+    heldout = heldout_text(tmp_path / "heldout.txt")
+    info, out = run(tmp_path, tiny_data, "basic", train={"max_steps": 12, "lr": 0.01},
+                    eval={"steps": 6, "heldout_file": str(heldout)})
     losses = [x["loss"] for x in info["losses"]]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
@@ -63,13 +65,16 @@ def test_loss_falls_and_the_output_layout_is_complete(tmp_path, tiny_data):
     assert saved["val_bpc_baseline"] == pytest.approx(baseline["val_loss"] * baseline["val_tokens"] / math.log(2) / chars)
     assert saved["val_bpc_final"] < saved["val_bpc_baseline"]
     assert saved["val_bpc_best"] == min(h["val_bpc"] for h in saved["history"])
+    # text never trained on, in bits per character at every evaluation
+    assert [h["heldout_bpc"] is not None for h in saved["history"]] == [True] * 3
+    assert saved["heldout_bpc_final"] < saved["heldout_bpc_baseline"] == saved["history"][0]["heldout_bpc"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen",
-                "val/loss", "val/ppl", "val/bpc"):
+                "val/loss", "val/ppl", "val/bpc", "heldout/bpc"):
         assert tag in tags, tag
     assert len(events.Scalars("train/loss")) == 12
     assert "config/text_summary" in events.Tags()["tensors"]

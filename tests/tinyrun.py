@@ -34,6 +34,14 @@ def synthetic_corpus(path: Path, n_docs: int = 240, seed: int = 0) -> Path:
     return path
 
 
+def heldout_text(path: Path) -> Path:
+    """Documents in the synthetic corpus's words that it never holds (other subject/predicate pairs),
+    one a line: text never trained on, for ``eval.heldout_file``."""
+    lines = [f"{_SUBJECTS[k]}은 {_PREDICATES[(k + 3) % len(_PREDICATES)]}." for k in range(0, len(_SUBJECTS), 3)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def build_tiny_data(root: Path, seq_len: int = 64) -> tuple[Path, Path]:
     """(tokenizer_dir, shard_dir) built in ``root`` with korcpt's own tokenizer trainer and shard writer."""
     from korcpt.shards.writer import ShardOptions, write_shards

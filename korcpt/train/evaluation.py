@@ -31,6 +31,19 @@ def load_mcq_for_run(cfg: RunConfig):
     return items, fewshot, skipped
 
 
+def load_heldout_for_run(cfg: RunConfig) -> list[str]:
+    """The documents of ``eval.heldout_file`` (none without one); skipped lines are logged with their count."""
+    if not cfg.eval.heldout_file:
+        return []
+    from korcpt.config import resolve_path
+    from korcpt.eval.perplexity import read_documents
+
+    texts, skipped = read_documents(resolve_path(cfg, cfg.eval.heldout_file))
+    if skipped:
+        log.warning("eval.heldout_file: %d lines skipped, first: %s", len(skipped), skipped[0])
+    return texts
+
+
 def evaluation_every(ecfg: EvalConfig, steps_per_epoch: int) -> tuple[int, int]:
     """Optimizer steps between validation evaluations and between KorMedMCQA ones (0: only at the
     baseline and the end): ``eval.steps``, or ``eval.per_epoch`` evaluations per epoch of
@@ -48,6 +61,7 @@ class Evaluator:
         self.accelerator, self.total_steps = accelerator, total_steps
         self.val_every, self.mcq_every = evaluation_every(cfg.eval, steps_per_epoch)
         self.mcq = load_mcq_for_run(cfg)
+        self.heldout = load_heldout_for_run(cfg)
         self._chars: dict[int, int] = {}  # validation sequence id -> characters its targets cover
 
     def _due(self, every: int, step: int) -> bool:
@@ -64,6 +78,7 @@ class Evaluator:
         self.model.eval()
         with torch.no_grad():
             result = {**(self._perplexity() if ppl and self.val_set is not None else {}),
+                      **(self._heldout() if ppl and self.heldout else {}),
                       **(self._mcq() if mcq and self.mcq is not None else {})}
         if was_training:
             self.model.train()
@@ -83,6 +98,13 @@ class Evaluator:
         result = {f"val_loss_{name}": part["loss"] for name, part in ppl.get("by_source", {}).items()}
         result.update(val_loss=ppl["loss"], val_ppl=ppl["ppl"], val_bpc=ppl.get("bpc"), val_tokens=ppl["tokens"])
         return result
+
+    def _heldout(self) -> dict:
+        """Bits per character on ``eval.heldout_file``. Every rank scores every text (no reduction): the
+        file is small, and under ZeRO-3 every rank must take part in every forward."""
+        from korcpt.eval.perplexity import score_text
+
+        return {"heldout_bpc": score_text(self.model, self.tokenizer, self.heldout, batch_size=self.cfg.eval.batch_size)["bpc"]}
 
     def _val_batch(self, batch: dict) -> dict:
         """A validation batch with model inputs, labels and, for per-source losses, each target's source;

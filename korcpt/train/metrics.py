@@ -97,11 +97,12 @@ class RunRecord:
             return
         entry = {"step": step, "val_loss": result.get("val_loss"), "val_ppl": result.get("val_ppl"),
                  "val_bpc": result.get("val_bpc"), "val_tokens": result.get("val_tokens"),
+                 "heldout_bpc": result.get("heldout_bpc"),
                  "mcq_accuracy": result.get("mcq_accuracy")}
         entry.update({k: v for k, v in result.items() if k.startswith("val_loss_") or k.startswith("mcq_")})
         self._write(self.metrics, {"kind": kind, **entry})
         self.tensorboard.scalars(step, {"val/loss": entry["val_loss"], "val/ppl": entry["val_ppl"],
-                                        "val/bpc": entry["val_bpc"],
+                                        "val/bpc": entry["val_bpc"], "heldout/bpc": entry["heldout_bpc"],
                                         "eval/kormedmcqa_acc": entry["mcq_accuracy"],
                                         **{f"val/loss_{k[len('val_loss_'):]}": v for k, v in result.items()
                                            if k.startswith("val_loss_")}})

@@ -183,6 +183,8 @@ def training_info(cfg: RunConfig, state, last: dict, best_record: dict | None, r
         "val_bpc_baseline": base.get("val_bpc"),
         "val_bpc_final": final.get("val_bpc"),
         "val_bpc_best": min((h["val_bpc"] for h in history if h.get("val_bpc") is not None), default=None),
+        "heldout_bpc_baseline": base.get("heldout_bpc"),
+        "heldout_bpc_final": final.get("heldout_bpc"),
         "mcq_accuracy_baseline": base.get("mcq_accuracy"),
         "mcq_accuracy_final": final.get("mcq_accuracy"),
         "adapter": cfg.output.adapter,
