@@ -238,12 +238,13 @@ def test_validation_files_become_val_documents_for_the_shard_stage(sources, tmp_
     records = [{"text": _doc(90)}, {"text": "#redirect 당뇨병"}, {"text": "짧은 문서", "source": "held"}]
     val.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     (tmp_path / "val.txt").write_text("  텍스트   검증  문서  ", encoding="utf-8")
-    build_corpus(_opts(sources, val_korean=[val, tmp_path / "val.txt"]), tmp_path / "out")
+    build_corpus(_opts(sources, val_korean=[val, tmp_path / "val.txt", f"{val}:namu"]), tmp_path / "out")
     lines = [json.loads(x) for x in (tmp_path / "out" / VAL_NAME).read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == 3  # the redirect left out; no length filter for chosen documents
+    assert len(lines) == 5  # the redirect left out; no length filter for chosen documents
     assert lines[0]["text"].startswith("문서 90 라벨 90") and lines[0]["raw"] == _doc(90)  # cleaned, and as given
     assert lines[1] == {"text": "짧은 문서", "source": "held"}  # unchanged by cleaning: no "raw"
     assert lines[2]["source"] == "val_korean" and lines[2]["text"] == "텍스트 검증 문서"
+    assert lines[3:] == lines[:2]  # PATH:namu (the README's form) reads the same file as Namu markup
     val.write_text('{"text": "좋은 문서"}\n{"title": "no text"}\n', encoding="utf-8")
     with pytest.raises(DataError, match="val.jsonl:2"):
         write_val_documents([val], tmp_path / "again.jsonl")

@@ -55,7 +55,7 @@ import numpy as np
 from korcpt.corpus.medical import RecordError, char_dict_text, medical_dict_text, mcq_text, parse_mcq
 from korcpt.corpus.readers import NON_UTF8, REJECT_REASONS, Record, Rejected, expand_inputs, input_bytes, iter_records
 from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, collapse_spaces, drop_reason
-from korcpt.corpus.textformat import AUTO, clean_as, record_format, split_format
+from korcpt.corpus.textformat import AUTO, clean_as, record_format, resolve_inputs, split_format
 from korcpt.corpus.validation import VAL_NAME, write_val_documents
 from korcpt.errors import DataError
 from korcpt.log import get_logger, progress
@@ -367,15 +367,6 @@ def _records(paths: list[Path]) -> Iterator[Record | Rejected]:
             yield rec
 
 
-def _expand_korean(specs: list[Path]) -> list[tuple[Path, str]]:
-    """Each input file of ``specs`` (``PATH`` or ``PATH:FORMAT``) with its text format."""
-    out = []
-    for spec in specs:
-        path, fmt = split_format(spec)
-        out += [(p, fmt) for p in expand_inputs([path])]
-    return out
-
-
 def _korean_records(inputs: list[tuple[Path, str]]) -> Iterator[tuple[Record | Rejected, str]]:
     for path, fmt in inputs:
         for rec in iter_records(path):
@@ -446,19 +437,18 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
     """
     validate_options(opts)
     # Resolve every input before any work, so that a typo in the last path fails at once.
-    korean = _expand_korean(list(opts.korean))
+    korean = resolve_inputs(list(opts.korean))
     inputs: dict[str, list[Path]] = {
         "korean": [p for p, _ in korean],
         "mcq": expand_inputs([opts.mcq]) if opts.mcq else [],
         "medical_dict": expand_inputs([opts.medical_dict]) if opts.medical_dict else [],
         "char_dict": expand_inputs([opts.char_dict]) if opts.char_dict else [],
     }
-    val_inputs = expand_inputs(list(opts.val_korean)) if opts.val_korean else []
     exclude = load_exclusions(list(opts.exclude_mcq)) if opts.exclude_mcq else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if val_inputs:
-        n = write_val_documents(val_inputs, out_dir / VAL_NAME)
+    if opts.val_korean:  # PATH[:FORMAT] as the training inputs: resolved where they are read
+        n = write_val_documents(list(opts.val_korean), out_dir / VAL_NAME)
         log.info("validation: %d documents in %s", n, out_dir / VAL_NAME)
     counts = {s: SourceCounts(files=[str(p) for p in inputs[s]]) for s in SOURCES}
     copies = {s: opts.medical_multiplier if s in MEDICAL_SOURCES else 1 for s in SOURCES}

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from korcpt.corpus.readers import expand_inputs
 from korcpt.corpus.text import normalize_text
 from korcpt.corpus.wiki import clean_mediawiki, clean_wiki, is_redirect
 from korcpt.errors import DataError
@@ -61,6 +62,16 @@ def split_format(spec: str | Path) -> tuple[Path, str]:
                         f"(or no such file or directory)")
     return Path(m["path"]), fmt
 
+
+
+def resolve_inputs(specs: list[str | Path]) -> list[tuple[Path, str]]:
+    """Every input file behind ``specs`` (``PATH[:FORMAT]``, a file or a directory) with its text format,
+    all resolved before any is read, so that a typo in the last one fails at once.
+
+    Raises:
+        DataError: an unknown format, a missing path or a directory with nothing readable.
+    """
+    return [(path, fmt) for given, fmt in map(split_format, specs) for path in expand_inputs([given])]
 
 def detect_markup(text: str) -> str:
     """``namu``, ``wiki`` or ``plain``: the markup ``text`` shows (see the module docstring)."""

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from korcpt.corpus.readers import Record, Rejected, expand_inputs, iter_records
-from korcpt.corpus.textformat import AUTO, clean_as, record_format, split_format
+from korcpt.corpus.readers import Record, Rejected, iter_records
+from korcpt.corpus.textformat import AUTO, clean_as, record_format, resolve_inputs
 from korcpt.errors import DataError
 
 VAL_NAME = "val_documents.jsonl"
@@ -54,9 +54,7 @@ def val_documents(paths: list[Path]) -> Iterator[dict[str, str]]:
     Raises:
         DataError: a missing or empty input, or a record :func:`val_document` refuses.
     """
-    # every path resolved before any is read, so that a typo in the last one fails at once
-    inputs = [(path, fmt) for given, fmt in map(split_format, paths) for path in expand_inputs([given])]
-    for path, fmt in inputs:
+    for path, fmt in resolve_inputs(paths):
         for rec in iter_records(path):
             doc = val_document(rec, fmt)
             if doc is not None:
