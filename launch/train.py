@@ -34,9 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from korcpt.config import apply_seed_flags, load_config
+    from korcpt.config import apply_shorthands, load_config
 
-    overrides = apply_seed_flags(args.set, model=args.model, tokenizer_path=args.tokenizer_path,
+    overrides = apply_shorthands(args.set, model=args.model, tokenizer_path=args.tokenizer_path,
                                  max_samples=args.max_samples, epochs=args.epochs, device=args.device)
     cfg = load_config(args.config, overrides)
     from korcpt.train.loop import train

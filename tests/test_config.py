@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from korcpt.config import RunConfig, apply_seed_flags, load_config, save_config
+from korcpt.config import RunConfig, apply_shorthands, load_config, save_config
 from korcpt.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def write(tmp_path: Path, data: dict) -> Path:
 def test_valid_config_loads_with_defaults(tmp_path, shards):
     cfg = load_config(write(tmp_path, {"data": {"shards": str(shards)}, "train": {"lr": 1e-4}}))
     assert cfg.train.lr == 1e-4
-    assert cfg.train.micro_batch_size == 2 and cfg.train.grad_accum == 16  # the spec's defaults
+    assert cfg.train.micro_batch_size == 2 and cfg.train.grad_accum == 16  # the defaults of train_raw_korean_text.md
     assert cfg.lora.use_rslora is True and cfg.lora.r == 16 and cfg.lora.alpha == 32
 
 
@@ -39,9 +39,9 @@ def test_overrides_apply_after_the_file_and_parse_types(tmp_path, shards):
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
-def test_seed_flags_are_overrides_and_set_wins(tmp_path, shards):
+def test_shorthand_flags_are_overrides_and_set_wins(tmp_path, shards):
     path = write(tmp_path, {"data": {"shards": str(shards)}})
-    overrides = apply_seed_flags(["train.epochs=3"], model="medgemma-4b", tokenizer_path="tok", max_samples=5000,
+    overrides = apply_shorthands(["train.epochs=3"], model="medgemma-4b", tokenizer_path="tok", max_samples=5000,
                                  epochs=1, device="cuda:0")
     cfg = load_config(path, overrides)
     assert cfg.model.name == "medgemma-4b" and cfg.model.tokenizer == "tok"
