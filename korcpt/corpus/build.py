@@ -77,38 +77,38 @@ log = get_logger(__name__)
 class CorpusOptions:
     """Inputs and settings of the corpus stage (the ``corpus`` flags of ``tools/build_shards.py``)."""
 
-    # Korean text: JSON array (Namu dump), JSONL, .txt, a directory of those, or a save_to_disk dataset;
-    # PATH:namu, PATH:wiki or PATH:plain says which cleaner its records get (default: detected per record).
     korean: list[Path] = field(default_factory=list)
-    # KorMedMCQA training JSONL (question, A..E, answer 1-based).
+    """Korean text: JSON array (Namu dump), JSONL, .txt, a directory of those, or a save_to_disk dataset;
+    PATH:namu, PATH:wiki or PATH:plain says which cleaner its records get (default: detected per record)."""
     mcq: Path | None = None
-    # Medical dictionary: JSON list or JSONL of {term, definition}.
+    """KorMedMCQA training JSONL (question, A..E, answer 1-based)."""
     medical_dict: Path | None = None
-    # Medical symbol dictionary: JSON list of {term, definition}.
+    """Medical dictionary: JSON list or JSONL of {term, definition}."""
     char_dict: Path | None = None
-    # KorMedMCQA files held out for evaluation: their questions are removed from every source.
+    """Medical symbol dictionary: JSON list of {term, definition}."""
     exclude_mcq: list[Path] = field(default_factory=list)
-    # Explicit validation text (the formats of korean, PATH:FORMAT too), cleaned into val_documents.jsonl
-    # for the shard stage.
+    """KorMedMCQA files held out for evaluation: their questions are removed from every source."""
     val_korean: list[Path] = field(default_factory=list)
-    # Copies of each kept medical document in the mix.
+    """Explicit validation text (the formats of korean, PATH:FORMAT too), cleaned into val_documents.jsonl
+    for the shard stage."""
     medical_multiplier: int = 5
-    # Seed of the shuffle.
+    """Copies of each kept medical document in the mix."""
     seed: int = 42
-    # Cap on mixed documents (0: all): the first N of the seeded shuffle are kept.
+    """Seed of the shuffle."""
     max_samples: int = 0
-    # Korean documents shorter than this after cleaning are dropped.
+    """Cap on mixed documents (0: all): the first N of the seeded shuffle are kept."""
     min_chars: int = 100
-    # Korean documents with a smaller share of Hangul among non-space characters are dropped.
+    """Korean documents shorter than this after cleaning are dropped."""
     min_hangul_ratio: float = 0.10
-    # Stop at the first rejected record, naming file and line.
+    """Korean documents with a smaller share of Hangul among non-space characters are dropped."""
     strict: bool = False
-    # Processes that clean Korean text (0: all cores; 1: in this process).
+    """Stop at the first rejected record, naming file and line."""
     workers: int = 0
-    # Korean inputs smaller than this are cleaned in this process (a pool costs more than it saves).
+    """Processes that clean Korean text (0: all cores; 1: in this process)."""
     parallel_min_bytes: int = 8 << 20
-    # Show a progress bar while cleaning Korean text.
+    """Korean inputs smaller than this are cleaned in this process (a pool costs more than it saves)."""
     progress: bool = True
+    """Show a progress bar while cleaning Korean text."""
 
 
 def validate_options(opts: CorpusOptions) -> None:

@@ -63,50 +63,50 @@ OUTPUT_MODES = ("tied", "mean", "piece_fit", "ntp")
 class DistillOptions:
     """Options of the distillation stage; ``tools/distill_rows.py`` takes its flag defaults from here."""
 
-    # Base model: a preset, local directory, .gguf file or hub id (as model.name of a run config).
     model: str
-    # The extended tokenizer directory (tools/extend_tokenizer.py).
+    """Base model: a preset, local directory, .gguf file or hub id (as model.name of a run config)."""
     tokenizer: Path
-    # The corpus the tokenizer was learned on: raw_text_mixed.jsonl ({"text"} lines); copies are read once.
+    """The extended tokenizer directory (tools/extend_tokenizer.py)."""
     corpus: Path
-    # Output directory (rows.safetensors, report.json); built beside it and renamed into place.
+    """The corpus the tokenizer was learned on: raw_text_mixed.jsonl ({"text"} lines); copies are read once."""
     out_dir: Path
+    """Output directory (rows.safetensors, report.json); built beside it and renamed into place."""
     # Budget defaults measured on the demo (bench/bench_quality.py, bench/README.md).
-    # Windows kept per new token: a window is read while one of its new tokens has fewer than this.
     contexts_per_token: int = 2
-    # Extended tokens per window (after <bos>).
+    """Windows kept per new token: a window is read while one of its new tokens has fewer than this."""
     context_tokens: int = 32
-    # Share of the decoder layers whose output (through the final norm) is matched: 1.0 is the head's
-    # input; a third measured as good on the demo at a third of the cost.
+    """Extended tokens per window (after <bos>)."""
     depth: float = 0.33
-    # Passes over the kept windows.
+    """Share of the decoder layers whose output (through the final norm) is matched: 1.0 is the head's
+    input; a third measured as good on the demo at a third of the cost."""
     epochs: int = 1
-    # Adam learning rate of the input rows.
+    """Passes over the kept windows."""
     lr: float = 1e-3
-    # Windows per optimizer step.
+    """Adam learning rate of the input rows."""
     batch_size: int = 8
-    # How the output rows are made: tied, mean, piece_fit or ntp (see the module doc); ntp measured best.
+    """Windows per optimizer step."""
     output: str = "ntp"
-    # Optimizer steps of the ntp output rows (full batch over the cached hidden states).
+    """How the output rows are made: tied, mean, piece_fit or ntp (see the module doc); ntp measured best."""
     output_steps: int = 100
-    # Pull of the ntp output rows toward the mean of their pieces (squared distance summed over rows).
+    """Optimizer steps of the ntp output rows (full batch over the cached hidden states)."""
     output_pull: float = 1e-2
-    # Positions whose final hidden states fit the output rows (windows sampled up to this many).
+    """Pull of the ntp output rows toward the mean of their pieces (squared distance summed over rows)."""
     output_positions: int = 32768
-    # Windows held out of training to measure the distance before and after (at most this many).
+    """Positions whose final hidden states fit the output rows (windows sampled up to this many)."""
     eval_windows: int = 32
-    # A token seen in fewer windows than this keeps the mean of its pieces' rows (input and output).
+    """Windows held out of training to measure the distance before and after (at most this many)."""
     min_contexts: int = 1
-    # Seed of the window order.
+    """A token seen in fewer windows than this keeps the mean of its pieces' rows (input and output)."""
     seed: int = 0
-    # Parameter dtype of the model (auto: bfloat16 on CUDA, float32 on CPU); the rows are float32.
+    """Seed of the window order."""
     dtype: str = "auto"
-    # cpu, cuda, cuda:0.
+    """Parameter dtype of the model (auto: bfloat16 on CUDA, float32 on CPU); the rows are float32."""
     device: str = "cpu"
-    # Attention kernel passed to transformers.
+    """cpu, cuda, cuda:0."""
     attn_implementation: str = "sdpa"
-    # Dense TFLOP/s of the device for the printed time estimate (0: no estimate).
+    """Attention kernel passed to transformers."""
     peak_tflops: float = 0.0
+    """Dense TFLOP/s of the device for the printed time estimate (0: no estimate)."""
 
 
 @dataclass

@@ -77,22 +77,22 @@ PACKING = ("each document is <bos> tokens <eos>; windows of seq_len+1 tokens ove
 class ShardOptions:
     """How to turn a corpus into shards (the shard flags of ``tools/build_shards.py``)."""
 
-    # Tokenizer: a preset (gemma3-270m, tiny-ko), a local directory, a hub id, or a loaded fast tokenizer.
     tokenizer: Any
-    # Tokens per training sequence (windows hold seq_len + 1).
+    """Tokenizer: a preset (gemma3-270m, tiny-ko), a local directory, a hub id, or a loaded fast tokenizer."""
     seq_len: int = 2048
-    # Share of documents held out for validation, by a hash of their text (unless a validation set is given).
+    """Tokens per training sequence (windows hold seq_len + 1)."""
     val_fraction: float = 0.01
-    # The validation set: a documents JSONL written by the corpus stage (korcpt.corpus.validation).
+    """Share of documents held out for validation, by a hash of their text (unless a validation set is given)."""
     val_documents: Path | None = None
-    # Target tokens per shard file (rounded down to whole windows, at least one window).
+    """The validation set: a documents JSONL written by the corpus stage (korcpt.corpus.validation)."""
     shard_tokens: int = 100_000_000
-    # Seed of the validation hash.
+    """Target tokens per shard file (rounded down to whole windows, at least one window)."""
     seed: int = 42
-    # Tokenizer processes (0: all cores; 1: tokenize in this process).
+    """Seed of the validation hash."""
     workers: int = 0
-    # Also write the windows as webdataset tar shards under DIR/wds/.
+    """Tokenizer processes (0: all cores; 1: tokenize in this process)."""
     webdataset: bool = False
+    """Also write the windows as webdataset tar shards under DIR/wds/."""
 
     def validate(self) -> None:
         problems = []

@@ -89,24 +89,24 @@ class Extension:
 class ExtendOptions:
     """Options of the vocabulary stage; ``tools/extend_tokenizer.py`` takes its flag defaults from here."""
 
-    # Base tokenizer: a directory, hub id or preset name (see korcpt.assets).
     base: str
-    # Output directory, loadable with AutoTokenizer.from_pretrained; built beside it and renamed into place.
+    """Base tokenizer: a directory, hub id or preset name (see korcpt.assets)."""
     out_dir: Path
-    # Cap on new vocabulary entries (merged tokens plus added syllables).
+    """Output directory, loadable with AutoTokenizer.from_pretrained; built beside it and renamed into place."""
     max_new_tokens: int
-    # raw_text_mixed.jsonl ({"text"} lines), or None to learn from the term files alone.
+    """Cap on new vocabulary entries (merged tokens plus added syllables)."""
     corpus: Path | None = None
-    # Term files, one term a line, learned from as more corpus lines.
+    """raw_text_mixed.jsonl ({"text"} lines), or None to learn from the term files alone."""
     terms: tuple[Path, ...] = ()
-    # A new token must save at least this many tokens on the training text.
+    """Term files, one term a line, learned from as more corpus lines."""
     min_frequency: int = 2
-    # Also add Hangul syllables missing from the base vocabulary (else they take three byte tokens).
+    """A new token must save at least this many tokens on the training text."""
     add_syllables: bool = True
-    # Read at most this many corpus characters (0: all).
+    """Also add Hangul syllables missing from the base vocabulary (else they take three byte tokens)."""
     max_corpus_chars: int = 0
-    # Text files measured before/after in report.json (tokens per 100 syllables, chars/s, round trip).
+    """Read at most this many corpus characters (0: all)."""
     eval_files: tuple[Path, ...] = ()
+    """Text files measured before/after in report.json (tokens per 100 syllables, chars/s, round trip)."""
 
 
 # --------------------------------------------------------------------------------------------- input
