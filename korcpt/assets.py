@@ -18,16 +18,14 @@ a hash of its inputs and completed by an atomic rename, so a half-written conver
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from korcpt.errors import ModelError
+from korcpt.files import staging_dir
 from korcpt.log import get_logger
 
 log = get_logger(__name__)
@@ -57,38 +55,6 @@ def resolve(name: str) -> str:
     if name == "tiny-ko":
         return str(tiny_ko_tokenizer_dir())
     return HUB_PRESETS.get(name, name)
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A new empty sibling of ``final`` to build a directory in, deleted when the block ends.
-
-    Only what the block renames into place survives: a crash part-way leaves nothing under ``final``.
-    Made with ``mkdir`` (not ``mkdtemp``, which is private to the user) so the published directory
-    gets the usual permissions.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(6)}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(built: Path, final: Path) -> None:
-    """Rename the finished directory ``built`` onto ``final``, replacing an earlier ``final`` whole.
-
-    A non-empty ``final`` is renamed aside first and deleted after, so at every moment ``final``
-    names the old directory, nothing, or the new one, never a mix of both.
-    """
-    if final.is_dir() and any(final.iterdir()):
-        old = final.with_name(f"{final.name}.old-{secrets.token_hex(6)}")
-        os.rename(final, old)
-        os.rename(built, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(built, final)  # rename(2) replaces an empty directory in one step
 
 
 def _atomic_dir(final: Path, build) -> Path:

@@ -31,14 +31,12 @@ TRAIN_TARS = "wds/train/shard-{00000..00002}.tar"  # the tiny set's 3 train tars
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_data) -> Path:
     """A copy of the tiny shard directory with its webdataset export, as tools/export_wds.py writes it."""
-    from korcpt.shards.format import MANIFEST, atomic_write_json, load_manifest
-    from korcpt.shards.wds import export_webdataset
+    from korcpt.shards.format import load_manifest
+    from korcpt.shards.writer import add_webdataset
 
     out = tmp_path_factory.mktemp("wds") / "shards"
     shutil.copytree(tiny_data[1], out)
-    manifest = load_manifest(out)
-    manifest["webdataset"] = export_webdataset(out, manifest)
-    atomic_write_json(out / MANIFEST, manifest)
+    add_webdataset(out, load_manifest(out))
     return out
 
 

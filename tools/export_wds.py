@@ -26,15 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("directory", type=Path, help="shard directory (holds manifest.json)")
     ap.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the token shards first")
     args = ap.parse_args(argv)
-    from korcpt.shards.format import MANIFEST, atomic_write_json, load_manifest
+    from korcpt.shards.format import load_manifest
     from korcpt.shards.reader import open_shards
-    from korcpt.shards.wds import export_webdataset
+    from korcpt.shards.writer import add_webdataset
 
     manifest = load_manifest(args.directory)
     for split in ("train", "val"):
         open_shards(args.directory, split, verify=not args.no_verify)
-    manifest["webdataset"] = export_webdataset(args.directory, manifest)
-    atomic_write_json(args.directory / MANIFEST, manifest)
+    manifest = add_webdataset(args.directory, manifest)
     print(f"wrote {len(manifest['webdataset'])} tar shards under {args.directory / 'wds'}")
     return 0
 

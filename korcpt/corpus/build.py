@@ -58,6 +58,7 @@ from korcpt.corpus.text import DROP_REASONS, DUPLICATE, EXCLUDED, REDIRECT, coll
 from korcpt.corpus.textformat import AUTO, clean_as, record_format, resolve_inputs, split_format
 from korcpt.corpus.validation import VAL_NAME, write_val_documents
 from korcpt.errors import DataError
+from korcpt.files import AtomicFile, atomic_write_json
 from korcpt.log import get_logger, progress
 
 SOURCES = ("korean", "mcq", "medical_dict", "char_dict")
@@ -481,9 +482,7 @@ def build_corpus(opts: CorpusOptions, out_dir: Path) -> dict[str, Any]:
     for s in SOURCES:
         c = report["sources"][s]
         assert c["read"] == c["kept"] + c["dropped"] + c["rejected"], (s, c)
-    tmp = out_dir / f".{REPORT_NAME}.tmp"
-    tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / REPORT_NAME)
+    atomic_write_json(out_dir / REPORT_NAME, report)
     log.info("corpus: %d lines (%s)", lines, ", ".join(f"{r['source']} {r['final']}" for r in report["distribution"][:-1]))
     return report
 
@@ -528,12 +527,10 @@ def _write_mixed(spool: _Spool, out_path: Path, opts: CorpusOptions,
         order = order[: opts.max_samples]
     offsets = np.frombuffer(spool.offsets, dtype=np.int64)
     per_source = np.zeros(len(SOURCES), dtype=np.int64)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    with open(spool.path, "rb") as f, open(tmp, "wb") as out:
+    with open(spool.path, "rb") as f, AtomicFile(out_path) as out:
         for lo in range(0, order.size, _CHUNK):
             docs = np.searchsorted(ends, order[lo: lo + _CHUNK], side="right")
             per_source += np.bincount(sources[docs], minlength=len(SOURCES))
             _copy_lines(f.fileno(), out, offsets[docs], offsets[docs + 1])
-    os.replace(tmp, out_path)
     final = {s: int(per_source[i]) for i, s in enumerate(SOURCES)}
     return int(order.size), final

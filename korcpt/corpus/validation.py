@@ -14,13 +14,13 @@ every corpus document equal to ``text`` or ``raw`` out of training.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
 from korcpt.corpus.readers import Record, Rejected, iter_records
 from korcpt.corpus.textformat import AUTO, clean_as, record_format, resolve_inputs
 from korcpt.errors import DataError
+from korcpt.files import AtomicFile
 
 VAL_NAME = "val_documents.jsonl"
 VAL_SOURCE = "val_korean"  # the source of a validation document whose record names none
@@ -70,16 +70,9 @@ def write_val_documents(paths: list[Path], out_path: Path) -> int:
     Raises:
         DataError: see :func:`val_documents`; nothing is written then.
     """
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
     n = 0
-    try:
-        with open(tmp, "wb") as out:
-            for doc in val_documents(paths):
-                out.write(json.dumps(doc, ensure_ascii=False).encode() + b"\n")
-                n += 1
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with AtomicFile(Path(out_path)) as out:
+        for doc in val_documents(paths):
+            out.write(json.dumps(doc, ensure_ascii=False).encode() + b"\n")
+            n += 1
     return n

@@ -32,8 +32,8 @@ from typing import Iterator
 
 import torch
 
-from korcpt.assets import replace_dir, staging_dir
 from korcpt.errors import ModelError
+from korcpt.files import replace_dir, staging_dir
 from korcpt.log import get_logger
 
 log = get_logger(__name__)

@@ -30,6 +30,7 @@ _EXPORTS = {
     "ShardOptions": "writer",
     "ShardWriter": "writer",
     "write_shards": "writer",
+    "add_webdataset": "writer",
     "permute": "order",
     "epoch_order": "order",
     "IGNORE_INDEX": "reader",

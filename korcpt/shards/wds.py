@@ -51,9 +51,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,6 +61,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from korcpt.errors import DataError, TrainingError
+from korcpt.files import AtomicFile
 from korcpt.log import get_logger
 from korcpt.shards.format import DTYPES, IDX_SOURCE, SPLITS, parse_manifest
 from korcpt.shards.order import permute
@@ -116,19 +115,13 @@ def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
         for k, entry in enumerate(shards.entries):
             first, count = int(shards._first[k]), entry["sequences"]
             final = out / Path(entry["path"]).name.replace(".bin", ".tar")
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=out)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                        for i in range(first, first + count):
-                            key = f"{i:0{KEY_DIGITS}d}"
-                            _add(tar, f"{key}.tokens.npy", _npy_bytes(shards.window(i)))
-                            _add(tar, f"{key}.starts.npy", _npy_bytes(shards.document_starts(i).astype(np.int64)))
-                            _add(tar, f"{key}.segments.npy", _npy_bytes(_segments(shards, i)))
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with AtomicFile(final) as fh:
+                with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                    for i in range(first, first + count):
+                        key = f"{i:0{KEY_DIGITS}d}"
+                        _add(tar, f"{key}.tokens.npy", _npy_bytes(shards.window(i)))
+                        _add(tar, f"{key}.starts.npy", _npy_bytes(shards.document_starts(i).astype(np.int64)))
+                        _add(tar, f"{key}.segments.npy", _npy_bytes(_segments(shards, i)))
             digest = hashlib.sha256(final.read_bytes()).hexdigest()
             entries.append({"split": split, "path": final.relative_to(directory).as_posix(),
                             "first_sequence": first, "sequences": count, "sha256": digest})

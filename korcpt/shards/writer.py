@@ -42,9 +42,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from korcpt.errors import ConfigError, DataError
+from korcpt.files import AtomicFile, atomic_write_bytes, atomic_write_json
 from korcpt.log import get_logger
 from korcpt.shards.documents import LineChunks, read_documents
 from korcpt.shards.encode import Encoder, PackTokenizer, TokenizedChunk, doc_hash, load_pack_tokenizer
@@ -63,8 +62,6 @@ from korcpt.shards.format import (
     MANIFEST,
     REPORT,
     SPLITS,
-    atomic_write_bytes,
-    atomic_write_json,
 )
 
 log = get_logger(__name__)
@@ -120,8 +117,7 @@ class _SplitWriter:
         self.base = 0  # stream position of the current shard's first token
         self.written = 0  # tokens in the current shard file
         self.windows = 0  # windows in the current shard file
-        self.fh = None
-        self.tmp: Path | None = None
+        self.out: AtomicFile | None = None  # the shard file being written, renamed into place when full
         self.hasher = hashlib.sha256()
         self.doc_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (start, line, source)
         self.head = (-1, -1)  # (line, source) of the document running at self.base, if it started before
@@ -152,12 +148,11 @@ class _SplitWriter:
                 self.pending = np.concatenate((last, self.pending))  # next shard starts on the shared token
 
     def _write(self, block: np.ndarray) -> None:
-        if self.fh is None:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self._name()}.", suffix=".tmp", dir=self.root / self.split)
-            self.fh, self.tmp = os.fdopen(fd, "wb"), Path(tmp)
+        if self.out is None:
+            self.out = AtomicFile(self.root / self.split / f"{self._name()}.bin")
             self.hasher = hashlib.sha256()
         data = np.ascontiguousarray(block, dtype=self.dtype.newbyteorder("<")).tobytes()
-        self.fh.write(data)
+        self.out.write(data)
         self.hasher.update(data)
         self.written += int(block.size)
 
@@ -179,11 +174,7 @@ class _SplitWriter:
         np.save(buf, index, allow_pickle=False)
         index_path = self.root / self.split / f"{name}{INDEX_SUFFIX}"
         atomic_write_bytes(index_path, buf.getvalue())
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        final = self.root / self.split / f"{name}.bin"
-        os.replace(self.tmp, final)
+        self.out.commit()
         self.entries.append({
             "split": self.split,
             "path": f"{self.split}/{name}.bin",
@@ -202,7 +193,7 @@ class _SplitWriter:
             self.head = (int(lines[j]), int(srcs[j]))
         keep = starts >= next_base
         self.doc_parts = [(starts[keep], lines[keep], srcs[keep])] if keep.any() else []
-        self.base, self.written, self.windows, self.fh, self.tmp = next_base, 0, 0, None, None
+        self.base, self.written, self.windows, self.out = next_base, 0, 0, None
 
     def finish(self) -> dict:
         """Close the last shard (if it holds a window), drop the tail, return this split's counts."""
@@ -215,10 +206,9 @@ class _SplitWriter:
                 "tail_tokens_dropped": self.stream_tokens - covered, "shards": len(self.entries)}
 
     def abort(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.tmp.unlink(missing_ok=True)
-            self.fh = self.tmp = None
+        if self.out is not None:
+            self.out.abort()
+            self.out = None
 
 
 def _clear_outputs(out_dir: Path) -> None:
@@ -314,12 +304,11 @@ class ShardWriter:
             "counts": {**counts, "skipped_documents": self._skipped},
             "shards": self._splits["train"].entries + self._splits["val"].entries,
         }
-        if webdataset:
-            from korcpt.shards.wds import export_webdataset
-
-            manifest["webdataset"] = export_webdataset(self.out_dir, manifest)
         atomic_write_json(self.out_dir / REPORT, _report(manifest, self._per_source, corpus_report))
-        atomic_write_json(self.out_dir / MANIFEST, manifest)
+        if webdataset:
+            manifest = add_webdataset(self.out_dir, manifest)
+        else:
+            atomic_write_json(self.out_dir / MANIFEST, manifest)
         self._finished = True
         return manifest
 
@@ -330,6 +319,25 @@ class ShardWriter:
         for split in self._splits.values():
             split.abort()
         _clear_outputs(self.out_dir)
+
+
+def add_webdataset(directory: Path, manifest: dict) -> dict:
+    """Export a shard directory's windows as webdataset tars and list them in its manifest, rewritten
+    last (atomically): the one export step of ``build_shards --format webdataset``, tools/export_wds.py
+    and the tests.
+
+    Args:
+        directory: the shard directory (its token shards already on disk).
+        manifest: its manifest.
+
+    Returns:
+        The manifest as written, with ``"webdataset"`` entries (see :func:`~korcpt.shards.wds.export_webdataset`).
+    """
+    from korcpt.shards.wds import export_webdataset
+
+    manifest = {**manifest, "webdataset": export_webdataset(Path(directory), manifest)}
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
 
 
 def write_shards(corpus_path: Path, out_dir: Path, options: ShardOptions, corpus_report: dict | None = None) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
@@ -27,8 +26,8 @@ from pathlib import Path
 
 from korcpt.config import RunConfig
 from korcpt.errors import TrainingError
+from korcpt.files import atomic_write_json, replace_dir
 from korcpt.log import get_logger
-from korcpt.shards.format import atomic_write_json
 
 log = get_logger(__name__)
 
@@ -239,9 +238,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainerState, extra: dict, k
         ) from exc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -316,8 +313,7 @@ class Checkpointer:
         save_adapter(self.accelerator, model, self.cfg, tmp)
         if self.accelerator.is_main_process:
             atomic_write_json(tmp / BEST_FILE, {"step": step, "result": result})
-            shutil.rmtree(self.best_dir, ignore_errors=True)
-            os.replace(tmp, self.best_dir)
+            replace_dir(tmp, self.best_dir)
         self.accelerator.wait_for_everyone()
 
     def best_record(self, state: TrainerState) -> dict | None:

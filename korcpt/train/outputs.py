@@ -16,8 +16,8 @@ import torch
 
 from korcpt import assets
 from korcpt.config import ModelConfig, RunConfig
+from korcpt.files import atomic_path, atomic_write_json
 from korcpt.model.lora import module_name, trained_rows, untied_head
-from korcpt.shards.format import atomic_write_json
 from korcpt.train.metrics import mfu, versions
 
 
@@ -126,9 +126,8 @@ def save_adapter(accelerator, model, cfg: RunConfig, out_dir: Path) -> None:
                                                   "parent_library": base_cls.__module__}
     config.save_pretrained(str(out_dir), auto_mapping_dict=auto_mapping)
     # written beside and renamed: a run killed mid-write never leaves a truncated adapter behind
-    tmp = out_dir / ".adapter_model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / "adapter_model.safetensors")
+    with atomic_path(out_dir / "adapter_model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
 
 
 def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict, adapter_from: Path | None = None) -> None:
@@ -139,9 +138,8 @@ def save_outputs(accelerator, model, tokenizer, cfg: RunConfig, info: dict, adap
         save_adapter(accelerator, model, cfg, out_dir)
     elif accelerator.is_main_process:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
-            tmp = out_dir / f".{name}.tmp"  # copied beside and renamed, as save_adapter writes
-            shutil.copyfile(adapter_from / name, tmp)
-            os.replace(tmp, out_dir / name)
+            with atomic_path(out_dir / name) as tmp:  # copied beside and renamed, as save_adapter writes
+                shutil.copyfile(adapter_from / name, tmp)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(str(out_dir / "tokenizer"))
         # beside the adapter too: PEFT's AutoPeftModelForCausalLM grows the base's embedding for an

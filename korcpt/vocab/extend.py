@@ -58,8 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from korcpt.assets import load_tokenizer, replace_dir, staging_dir
+from korcpt.assets import load_tokenizer
 from korcpt.errors import DataError, ModelError
+from korcpt.files import replace_dir, staging_dir
 from korcpt.log import get_logger
 
 log = get_logger(__name__)
