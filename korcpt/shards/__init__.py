@@ -8,6 +8,7 @@ Read in this order::
     writer.py     ShardWriter (add / finish, manifest last; aborts on error) packs seq_len + 1 windows
                   overlapping by one token (worked example there); write_shards = encode into a writer
     order.py      permute: an epoch's order as a pure function of (seed, epoch, n)
+    source.py     the protocol both sources (ShardSource) and their streams (SourceStream) implement
     reader.py     open_shards -> ShardSet (memmap, checked) -> SequenceStream (ranks, workers, resume)
     wds.py        the same windows as webdataset tars (export), and the training stream over tar URLs
 
@@ -38,6 +39,8 @@ _EXPORTS = {
     "SequenceStream": "reader",
     "make_sample": "reader",
     "open_shards": "reader",
+    "ShardSource": "source",
+    "SourceStream": "source",
     "WebDatasetStream": "wds",
     "export_webdataset": "wds",
     "webdataset_urls": "wds",

@@ -86,11 +86,7 @@ def safe_member(directory: Path, relative: str, what: str) -> Path:
     outside the directory. Raises :class:`DataError` naming the manifest and the path.
     """
     manifest = directory / MANIFEST
-    if not isinstance(relative, str) or not relative:
-        raise DataError(f"{manifest}: {what} path must be a non-empty relative string, found {relative!r}")
-    rel = Path(relative)
-    if rel.is_absolute() or relative.startswith(("/", "\\")) or ".." in rel.parts or ":" in rel.parts[0]:
-        raise DataError(f"{manifest}: {what} path {relative!r} leaves the shard directory; expected a path inside {directory}")
+    rel = check_relative(manifest, relative, what)
     root = directory.resolve()
     full = (directory / rel).resolve()
     if full != root and root not in full.parents:
@@ -98,6 +94,19 @@ def safe_member(directory: Path, relative: str, what: str) -> Path:
             f"{manifest}: {what} path {relative!r} resolves to {full}, outside the shard directory {root}"
         )
     return directory / rel
+
+
+def check_relative(where: Path | str, relative: Any, what: str) -> Path:
+    """``relative`` as a path if it names something inside the directory it is relative to: refused (a
+    :class:`DataError` naming ``where``) are non-strings, absolute paths, ``..`` components and a first
+    component with a drive or a URL scheme. Symlinks are :func:`safe_member`'s to check, on disk."""
+    if not isinstance(relative, str) or not relative:
+        raise DataError(f"{where}: {what} path must be a non-empty relative string, found {relative!r}")
+    rel = Path(relative)
+    if rel.is_absolute() or relative.startswith(("/", "\\")) or ".." in rel.parts or ":" in rel.parts[0]:
+        raise DataError(f"{where}: {what} path {relative!r} leaves the shard directory; expected a relative path "
+                        "inside it")
+    return rel
 
 
 def load_manifest(directory: Path) -> dict:
@@ -147,4 +156,29 @@ def parse_manifest(data: bytes, path: str) -> dict:
                 f"{path}: shards[{i}] ({shard['path']}) has tokens={toks!r}, sequences={seqs!r}; "
                 f"expected tokens = sequences * seq_len + 1 with seq_len={manifest['seq_len']}"
             )
+    _check_webdataset(manifest, path)
     return manifest
+
+
+def _check_webdataset(manifest: dict, path: str) -> None:
+    """The export's entries (``"webdataset"``, optional): per split, contiguous from sequence 0, inside
+    the export, and holding as many sequences as the split's token shards."""
+    entries = manifest.get("webdataset", [])
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: webdataset must be a list, found {type(entries).__name__}")
+    keys = ("split", "path", "first_sequence", "sequences", "sha256")
+    first = dict.fromkeys(SPLITS, 0)
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or any(k not in e for k in keys) or e["split"] not in SPLITS:
+            raise DataError(f"{path}: webdataset[{i}] must be an object with keys {list(keys)} and split in "
+                            f"{list(SPLITS)}, found {e!r}")
+        if e["first_sequence"] != first[e["split"]] or not isinstance(e["sequences"], int) or e["sequences"] < 1:
+            raise DataError(f"{path}: webdataset[{i}] ({e['path']}) has first_sequence={e['first_sequence']!r}, "
+                            f"sequences={e['sequences']!r}; expected first_sequence={first[e['split']]} and sequences >= 1")
+        check_relative(path, e["path"], "webdataset")
+        first[e["split"]] += e["sequences"]
+    for split in {e["split"] for e in entries}:
+        memmap = sum(s["sequences"] for s in manifest["shards"] if s["split"] == split)
+        if first[split] != memmap:
+            raise DataError(f"{path}: the {split} tars hold {first[split]} sequences, expected {memmap} (the token "
+                            "shards'); re-export")

@@ -23,13 +23,13 @@ without repeating or skipping a sequence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
-from korcpt.errors import DataError, TrainingError
+from korcpt.errors import DataError
 from korcpt.shards.format import (
     DTYPES,
     IDX_IS_START,
@@ -41,6 +41,7 @@ from korcpt.shards.format import (
     safe_member,
 )
 from korcpt.shards.order import permute
+from korcpt.shards.source import ShardSource, SourceStream
 
 IGNORE_INDEX = -100
 
@@ -83,18 +84,9 @@ def make_sample(window: np.ndarray, starts: np.ndarray, sample_id: int) -> dict[
     }
 
 
-class ShardSet:
-    """The sequences of one split of a shard directory (use :func:`open_shards` to build one).
-
-    Attributes:
-        directory: the shard directory.
-        manifest: the parsed ``manifest.json``.
-        split: ``"train"`` or ``"val"``.
-        seq_len: tokens per sequence (windows hold ``seq_len + 1``).
-        dtype: numpy dtype of the token files.
-        num_sequences: number of sequences (windows) in the split.
-        sources: source names; ``source_ids`` index into it.
-    """
+class ShardSet(ShardSource):
+    """The sequences of one split of a shard directory (use :func:`open_shards` to build one); the
+    attributes are :class:`~korcpt.shards.source.ShardSource`'s, ``directory`` the shard directory."""
 
     def __init__(self, directory: Path, manifest: dict, split: str):
         self.directory = Path(directory)
@@ -105,17 +97,11 @@ class ShardSet:
         self.bos_id = manifest["bos_id"]
         self.eos_id = manifest["eos_id"]
         self.sources: list[str] = list(manifest.get("sources", []))
-        self.entries = [s for s in manifest["shards"] if s["split"] == split]
-        counts = [s["sequences"] for s in self.entries]
-        self._first = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
-        self.num_sequences = int(self._first[-1])
+        self._set_entries([s for s in manifest["shards"] if s["split"] == split])
         self._paths = [safe_member(self.directory, s["path"], "shard") for s in self.entries]
         self._index_paths = [safe_member(self.directory, s["index"], "index") for s in self.entries]
         self._maps: dict[int, np.memmap] = {}
         self._indexes: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return self.num_sequences
 
     def __getstate__(self) -> dict:  # DataLoader workers get the paths, never a copy of mapped data
         state = dict(self.__dict__)
@@ -139,13 +125,6 @@ class ShardSet:
                 for p, key in ((path, "sha256"), (index_path, "index_sha256")):
                     if key in entry and (digest := file_sha256(p)) != entry[key]:
                         raise DataError(f"{p}: SHA-256 {digest}, expected {entry[key]} from the manifest; the file is corrupt")
-
-    def locate(self, i: int) -> tuple[int, int]:
-        """(shard number, window number inside that shard) of global sequence ``i``."""
-        if not 0 <= i < self.num_sequences:
-            raise IndexError(f"sequence {i} out of range [0, {self.num_sequences}) of split {self.split!r}")
-        k = int(np.searchsorted(self._first, i, side="right")) - 1
-        return k, i - int(self._first[k])
 
     def _map(self, k: int) -> np.memmap:
         if k not in self._maps:
@@ -175,25 +154,25 @@ class ShardSet:
         start = j * self.seq_len
         return np.array(self._map(k)[start: start + self.seq_len + 1])
 
-    def _segments(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _index_rows(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index rows of the segments window ``i`` holds, and their offsets relative to the window
+        start (the first is <= 0: the segment running at the start)."""
         k, j = self.locate(i)
         index = self._index(k)
         lo = j * self.seq_len
         offsets = index[:, IDX_OFFSET]
         a = int(np.searchsorted(offsets, lo, side="right")) - 1  # segment running at the window start
         b = int(np.searchsorted(offsets, lo + self.seq_len, side="right"))
-        return index[a:b], offsets[a:b] - lo, lo
+        return index[a:b], offsets[a:b] - lo
 
     def document_starts(self, i: int) -> np.ndarray:
         """Positions in ``[0, seq_len]`` of window ``i`` where a document begins (its ``<bos>``)."""
-        rows, rel, _ = self._segments(i)
+        rows, rel = self._index_rows(i)
         return rel[(rel >= 0) & (rows[:, IDX_IS_START] == 1)]
 
-    def source_ids(self, i: int) -> np.ndarray:
-        """For each of the ``seq_len + 1`` tokens of window ``i``, the id of its document's source (``sources[id]``)."""
-        rows, rel, _ = self._segments(i)
-        bounds = np.append(np.maximum(rel, 0), self.seq_len + 1)
-        return np.repeat(rows[:, IDX_SOURCE], np.diff(bounds))
+    def segments(self, i: int) -> np.ndarray:
+        rows, rel = self._index_rows(i)
+        return np.stack([np.maximum(rel, 0), rows[:, IDX_SOURCE]], axis=1).astype(np.int64)
 
     def sample(self, i: int) -> dict[str, torch.Tensor]:
         """Global sequence ``i`` as a training item (see :func:`make_sample`)."""
@@ -221,7 +200,7 @@ class ShardSet:
             starts = self._starts(k)
             if seen + starts.size > n:  # the (n + 1)-th document starts in shard k
                 end = int(starts[n - seen])
-                return int(self._first[k]) + min(-(-end // self.seq_len), self.entries[k]["sequences"])
+                return self.first_sequence(k) + min(-(-end // self.seq_len), self.entries[k]["sequences"])
             seen += starts.size
         return self.num_sequences
 
@@ -273,28 +252,9 @@ def check_run(manifest: dict, where: Path | str, tokenizer_fingerprint: str | No
                         f"{tokenizer_fingerprint} (the run's tokenizer); these shards were built with another tokenizer")
 
 
-class EpochPosition:
-    """Where a stream stands: ``epoch`` and the global positions ``consumed`` in it (all ranks together),
-    bounded by the stream's ``epoch_length``; shared by the memmap and the webdataset streams."""
-
-    epoch: int
-    consumed: int
-    epoch_length: int
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its first position."""
-        self.epoch, self.consumed = int(epoch), 0
-
-    def advance(self, n_global: int) -> None:
-        """Record that ``n_global`` more global positions were consumed (by all ranks together)."""
-        if n_global < 0 or self.consumed + n_global > self.epoch_length:
-            raise TrainingError(f"advance({n_global}) from {self.consumed}: expected a total within "
-                                f"[0, {self.epoch_length}] positions of this epoch")
-        self.consumed += n_global
-
-
-class SequenceStream(EpochPosition, IterableDataset):
-    """A resumable, rank- and worker-sharded stream of one epoch of a :class:`ShardSet`.
+class SequenceStream(SourceStream):
+    """A resumable, rank- and worker-sharded stream of one epoch of a source, read by random access
+    (a :class:`ShardSet`; the validation split of :class:`~korcpt.shards.wds.TarShards` too).
 
     Args:
         shards: the sequences.
@@ -326,54 +286,23 @@ class SequenceStream(EpochPosition, IterableDataset):
     ``persistent_workers=True``: workers must see the state at the moment ``iter()`` is called.
     """
 
-    def __init__(self, shards: ShardSet, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+    def __init__(self, shards: ShardSource, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
                  limit: int = 0, batch_size: int = 1):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} and world_size {world_size}: expected 0 <= rank < world_size")
-        if limit < 0 or batch_size < 1:
-            raise ValueError(f"limit {limit} must be >= 0 and batch_size {batch_size} >= 1")
-        self.shards = shards
-        self.seed, self.rank, self.world_size = int(seed), rank, world_size
-        self.shuffle, self.limit, self.batch_size = shuffle, limit, batch_size
-        self.epoch = 0
-        self.consumed = 0
+        if limit < 0:
+            raise ValueError(f"limit {limit}: expected >= 0 (0: all sequences)")
+        self._start(shards, seed, rank, world_size, batch_size)
+        self.shuffle, self.limit = shuffle, limit
 
     @property
     def epoch_length(self) -> int:
         """Global positions in an epoch: ``num_sequences``, or ``limit`` when smaller."""
-        n = self.shards.num_sequences
+        n = self.source.num_sequences
         return min(self.limit, n) if self.limit else n
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"seed", "epoch", "consumed", "num_sequences"}``: where the next iteration starts."""
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed,
-                "num_sequences": self.shards.num_sequences}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``; raises :class:`TrainingError` (found/expected) if it does not fit this stream."""
-        missing = [k for k in ("seed", "epoch", "consumed", "num_sequences") if k not in state]
-        if missing:
-            raise TrainingError(f"data stream state lacks {missing}; found keys {sorted(state)}")
-        if state["seed"] != self.seed:
-            raise TrainingError(f"data stream state has seed {state['seed']}, expected {self.seed} (the run's seed)")
-        if state["num_sequences"] != self.shards.num_sequences:
-            raise TrainingError(f"data stream state counts {state['num_sequences']} sequences, expected "
-                                f"{self.shards.num_sequences} in {self.shards.directory}; the shards changed since the checkpoint")
-        if not isinstance(state["epoch"], int) or state["epoch"] < 0:
-            raise TrainingError(f"data stream state has epoch {state['epoch']!r}, expected an integer >= 0")
-        if not isinstance(state["consumed"], int) or not 0 <= state["consumed"] <= self.epoch_length:
-            raise TrainingError(f"data stream state has consumed {state['consumed']!r}, expected an integer in "
-                                f"[0, {self.epoch_length}]")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
 
     def rank_positions(self) -> np.ndarray:
         """Global positions this rank reads in the rest of the epoch, in order."""
         count = (self.epoch_length - self.consumed) // self.world_size
         return self.consumed + self.rank + self.world_size * np.arange(count, dtype=np.int64)
-
-    def __len__(self) -> int:
-        """Sequences this rank yields in the rest of the epoch."""
-        return (self.epoch_length - self.consumed) // self.world_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         positions = self.rank_positions()
@@ -386,7 +315,7 @@ class SequenceStream(EpochPosition, IterableDataset):
             block = positions[lo: lo + 4096]
             ids = permute(block, self.seed, self.epoch, n) if self.shuffle else block
             for i in ids.tolist():
-                yield self.shards.sample(i)
+                yield self.source.sample(i)
 
 
 __all__ = ["IGNORE_INDEX", "ShardSet", "SequenceStream", "make_sample", "open_shards"]

@@ -58,14 +58,15 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from korcpt.errors import DataError, TrainingError
 from korcpt.files import AtomicFile
 from korcpt.log import get_logger
-from korcpt.shards.format import DTYPES, IDX_SOURCE, SPLITS, parse_manifest
+from korcpt.shards.format import DTYPES, SPLITS, parse_manifest
 from korcpt.shards.order import permute
-from korcpt.shards.reader import EpochPosition, ShardSet, check_run, make_sample
+from korcpt.shards.reader import ShardSet, check_run, make_sample
+from korcpt.shards.source import ShardSource, SourceStream
 
 log = get_logger(__name__)
 
@@ -89,12 +90,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _segments(shards: ShardSet, i: int) -> np.ndarray:
-    """Rows [first position in window i, source id] of the document segments window i holds."""
-    rows, rel, _ = shards._segments(i)
-    return np.stack([np.maximum(rel, 0), rows[:, IDX_SOURCE]], axis=1).astype(np.int64)
-
-
 def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
     """Write every split's windows as tars under ``directory/wds/<split>/``, one tar per token shard.
 
@@ -113,7 +108,7 @@ def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
         out = directory / "wds" / split
         out.mkdir(parents=True, exist_ok=True)
         for k, entry in enumerate(shards.entries):
-            first, count = int(shards._first[k]), entry["sequences"]
+            first, count = shards.first_sequence(k), entry["sequences"]
             final = out / Path(entry["path"]).name.replace(".bin", ".tar")
             with AtomicFile(final) as fh:
                 with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -121,7 +116,7 @@ def export_webdataset(directory: Path, manifest: dict) -> list[dict]:
                         key = f"{i:0{KEY_DIGITS}d}"
                         _add(tar, f"{key}.tokens.npy", _npy_bytes(shards.window(i)))
                         _add(tar, f"{key}.starts.npy", _npy_bytes(shards.document_starts(i).astype(np.int64)))
-                        _add(tar, f"{key}.segments.npy", _npy_bytes(_segments(shards, i)))
+                        _add(tar, f"{key}.segments.npy", _npy_bytes(shards.segments(i)))
             digest = hashlib.sha256(final.read_bytes()).hexdigest()
             entries.append({"split": split, "path": final.relative_to(directory).as_posix(),
                             "first_sequence": first, "sequences": count, "sha256": digest})
@@ -248,19 +243,12 @@ def iter_windows(urls: list[str]) -> Iterator[tuple[int, np.ndarray, np.ndarray]
             stream.close()
 
 
-def _safe_relative(where: str, path: Any) -> str:
-    if (not isinstance(path, str) or not path or path.startswith(("/", "\\")) or ".." in path.split("/")
-            or ":" in path.split("/")[0]):
-        raise DataError(f"{where}: webdataset path {path!r} leaves the export; expected a relative path like wds/train/shard-00000.tar")
-    return path
-
-
-class TarShards:
+class TarShards(ShardSource):
     """The tars of one split of an export, as its manifest lists them (build with :func:`open_webdataset`).
 
-    Attributes like :class:`~korcpt.shards.reader.ShardSet`'s (``manifest``, ``split``, ``seq_len``,
-    ``num_sequences``, ``sources``, ``entries``: the webdataset entries, which :func:`data_order` hashes);
-    ``directory`` is the source as configured (for messages), ``urls`` the tars' URLs.
+    Attributes are :class:`~korcpt.shards.source.ShardSource`'s (``entries``: the webdataset entries,
+    checked when the manifest was parsed); ``directory`` is the source as configured (for messages),
+    ``urls`` the tars' URLs.
     """
 
     def __init__(self, source: TarSource, manifest: dict, split: str, verify: bool = True, where: str = ""):
@@ -270,25 +258,11 @@ class TarShards:
         self.seq_len: int = manifest["seq_len"]
         self.dtype = DTYPES[manifest["dtype"]]
         self.sources: list[str] = list(manifest.get("sources", []))
-        self.entries = [e for e in manifest.get("webdataset", []) if isinstance(e, dict) and e.get("split") == split]
-        memmap = sum(s["sequences"] for s in manifest["shards"] if s["split"] == split)
-        if not self.entries and memmap:
+        self._set_entries([e for e in manifest.get("webdataset", []) if e["split"] == split])
+        if not self.entries and any(s["split"] == split for s in manifest["shards"]):
             raise DataError(f"{where}: no webdataset tars for split {split!r}; run tools/export_wds.py on the shard directory")
-        first = 0
-        for e in self.entries:
-            if not all(k in e for k in ("path", "first_sequence", "sequences", "sha256")) or e["first_sequence"] != first:
-                raise DataError(f"{where}: webdataset entry {e!r} must have path, first_sequence={first}, sequences, sha256")
-            _safe_relative(where, e["path"])
-            first += e["sequences"]
-        if first != memmap:
-            raise DataError(f"{where}: the {split} tars hold {first} sequences, expected {memmap} (the token shards'); re-export")
-        self.num_sequences = first
-        self._first = np.array([e["first_sequence"] for e in self.entries] + [first], dtype=np.int64)
         self.urls = [source.url(e["path"]) for e in self.entries]
         self._cache: dict[int, list] = {}
-
-    def __len__(self) -> int:
-        return self.num_sequences
 
     def __getstate__(self) -> dict:  # DataLoader workers get the URLs, never the tars read so far
         return {**self.__dict__, "_cache": {}}
@@ -319,25 +293,22 @@ class TarShards:
         return windows
 
     def _window(self, i: int) -> list[np.ndarray]:
-        if not 0 <= i < self.num_sequences:
-            raise IndexError(f"sequence {i} out of range [0, {self.num_sequences}) of split {self.split!r}")
-        k = int(np.searchsorted(self._first, i, side="right")) - 1
+        k, j = self.locate(i)
         if k not in self._cache:  # validation reads the same few tars at every evaluation: keep them
             self._cache[k] = self.read(k)
-        return self._cache[k][i - int(self._first[k])]
+        return self._cache[k][j]
 
     def sample(self, i: int) -> dict[str, torch.Tensor]:
         """Sequence ``i`` as a training item (random access: its tar is read once and kept)."""
         tokens, starts, _ = self._window(i)
         return make_sample(tokens, starts, i)
 
-    def source_ids(self, i: int) -> np.ndarray:
-        """For each of the ``seq_len + 1`` tokens of window ``i``, its document's source id."""
+    def segments(self, i: int) -> np.ndarray:
         segments = self._window(i)[2]
         if segments is None:
             raise DataError(f"{self.directory}: sample {i} lacks segments.npy (exported by an older korcpt); "
                             "run tools/export_wds.py again")
-        return np.repeat(segments[:, 1], np.diff(np.append(segments[:, 0], self.seq_len + 1)))
+        return segments
 
     @property
     def num_documents(self) -> int:
@@ -362,14 +333,23 @@ class TarShards:
         smallest = sum(sorted(self.counts)[:per_reader])
         return smallest // batch_size * batch_size
 
-    def sequences_per_epoch(self, readers: int, batch_size: int) -> int:
-        """Global positions of an epoch with ``readers`` readers (``readers * quota``); logs the dropped rest."""
+    def epoch_sequences(self, documents: int, readers: int, batch_size: int) -> int:
+        """Global positions of an epoch with ``readers`` readers: whole tars per reader, so what every
+        reader can yield times the readers (``readers * quota``); logs the dropped rest. ``documents``
+        must be all of them (:meth:`sequences_for_documents`)."""
+        self.sequences_for_documents(documents)
         used = readers * self.quota(readers, batch_size)
         if used < self.num_sequences:
             log.info("webdataset: %d readers (ranks x workers) over %d tars read %d of %d sequences per epoch "
                      "(%d dropped so that every reader yields as many)", readers, len(self.entries), used,
                      self.num_sequences, self.num_sequences - used)
         return used
+
+    def training_stream(self, *, seed: int, rank: int, world_size: int, num_workers: int, batch_size: int,
+                        limit: int) -> WebDatasetStream:
+        """The tars this rank's readers are assigned (``limit``: the plan's sequences, all of an epoch)."""
+        return WebDatasetStream(self, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+                                batch_size=batch_size)
 
 
 def open_webdataset(value: str, split: str, *, tokenizer_fingerprint: str | None = None, seq_len: int | None = None,
@@ -410,7 +390,7 @@ def _key(seed: int, *parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(json.dumps([seed, *parts]).encode(), digest_size=8).digest(), "little")
 
 
-class WebDatasetStream(EpochPosition, IterableDataset):
+class WebDatasetStream(SourceStream):
     """A resumable stream of one epoch of :class:`TarShards`, each tar read by one (rank, worker) only.
 
     Args:
@@ -420,22 +400,22 @@ class WebDatasetStream(EpochPosition, IterableDataset):
         num_workers: the DataLoader's ``num_workers`` (0 reads in the process, as 1 worker).
         batch_size: the DataLoader's batch size (readers yield whole batches).
 
-    The order, the rule that keeps readers equal and the resume state are in the module docstring.
-    Like :class:`~korcpt.shards.reader.SequenceStream`, iterating does not change the state: the
-    training loop records consumed positions with :meth:`advance` and :meth:`set_epoch`.
+    The order, the rule that keeps readers equal and the resume state are in the module docstring;
+    the position and its checks are :class:`~korcpt.shards.source.SourceStream`'s. A saved ``consumed``
+    is whole micro-steps, and the state also holds ``readers``.
     """
+
+    resume_hint = " (a memory-mapped run's checkpoint cannot resume from webdataset tars)"
 
     def __init__(self, tars: TarShards, *, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  batch_size: int = 1):
-        if world_size < 1 or not 0 <= rank < world_size or num_workers < 0 or batch_size < 1:
-            raise ValueError(f"rank {rank}, world_size {world_size}, num_workers {num_workers}, batch_size {batch_size}: "
-                             "expected 0 <= rank < world_size, num_workers >= 0, batch_size >= 1")
-        self.tars, self.seed, self.rank, self.world_size = tars, int(seed), rank, world_size
-        self.workers, self.batch_size = max(1, num_workers), batch_size
+        if num_workers < 0:
+            raise ValueError(f"num_workers {num_workers}: expected >= 0")
+        self._start(tars, seed, rank, world_size, batch_size)
+        self.tars, self.workers = tars, max(1, num_workers)
         self.readers = world_size * self.workers
         self.quota = tars.quota(self.readers, batch_size)
-        self.epoch = 0
-        self.consumed = 0
+        self.consumed_step = batch_size * world_size
 
     @property
     def epoch_length(self) -> int:
@@ -444,31 +424,10 @@ class WebDatasetStream(EpochPosition, IterableDataset):
 
     def state_dict(self) -> dict[str, int]:
         """``{"seed", "epoch", "consumed", "num_sequences", "readers"}``: where the next iteration starts."""
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed,
-                "num_sequences": self.tars.num_sequences, "readers": self.readers}
+        return {**super().state_dict(), "readers": self.readers}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at ``state``; raises :class:`TrainingError` (found/expected) if it does not fit this stream."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise TrainingError(f"data stream state lacks {missing}; found keys {sorted(state)} (a memory-mapped "
-                                "run's checkpoint cannot resume from webdataset tars)")
-        for key, why in (("seed", "the run's seed"), ("num_sequences", f"in {self.tars.directory}"),
-                         ("readers", "ranks x DataLoader workers: resume with the same world size and data.num_workers")):
-            if state[key] != expected[key]:
-                raise TrainingError(f"data stream state has {key} {state[key]!r}, expected {expected[key]!r} ({why})")
-        step = self.batch_size * self.world_size
-        if not isinstance(state["epoch"], int) or state["epoch"] < 0:
-            raise TrainingError(f"data stream state has epoch {state['epoch']!r}, expected an integer >= 0")
-        if not isinstance(state["consumed"], int) or not 0 <= state["consumed"] <= self.epoch_length or state["consumed"] % step:
-            raise TrainingError(f"data stream state has consumed {state['consumed']!r}, expected a multiple of {step} "
-                                f"in [0, {self.epoch_length}]")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
-
-    def __len__(self) -> int:
-        """Sequences this rank yields in the rest of the epoch."""
-        return (self.epoch_length - self.consumed) // self.world_size
+    def fixed_keys(self) -> list[tuple[str, str]]:
+        return [("readers", "ranks x DataLoader workers: resume with the same world size and data.num_workers")]
 
     def reader_tars(self, epoch: int, reader: int) -> list[int]:
         """Tar numbers reader ``reader`` reads in ``epoch``, in order."""

@@ -32,8 +32,8 @@ from korcpt.log import get_logger
 from korcpt.model.load import load_model_and_tokenizer, resolve_dtype
 from korcpt.model.lora import apply_lora, count_parameters, embedding_parameters, unwrap_base
 from korcpt.model.loss import FinalHidden, attach_head_loss, model_batch, nll_sum
-from korcpt.shards.reader import IGNORE_INDEX, SequenceStream
-from korcpt.shards.wds import TarShards, WebDatasetStream
+from korcpt.shards.reader import IGNORE_INDEX
+from korcpt.shards.source import SourceStream
 from korcpt.train.checkpoint import Checkpointer, TrainerState, check_shared_output, data_order
 from korcpt.train.evaluation import EarlyStopper, Evaluator, evaluation_every
 from korcpt.train.metrics import RunRecord, model_flops_per_token
@@ -301,23 +301,18 @@ def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int, epochs: int
 # ---------------------------------------------------------------- data
 
 
-def build_stream(cfg: RunConfig, train_set, accelerator, sequences: int) -> SequenceStream | WebDatasetStream:
-    """This rank's shuffled stream of the first ``sequences`` training sequences (the plan's); from
-    webdataset tars, the tars this rank's readers are assigned (all of the plan's sequences)."""
-    if isinstance(train_set, TarShards):
-        return WebDatasetStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
-                                batch_size=cfg.train.micro_batch_size)
-    return SequenceStream(train_set, seed=cfg.train.seed, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes, shuffle=True, limit=sequences,
-                          batch_size=cfg.train.micro_batch_size)
+def build_stream(cfg: RunConfig, train_set, accelerator, sequences: int) -> SourceStream:
+    """This rank's shuffled stream of the first ``sequences`` training sequences (the plan's)."""
+    return train_set.training_stream(seed=cfg.train.seed, rank=accelerator.process_index,
+                                     world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
+                                     batch_size=cfg.train.micro_batch_size, limit=sequences)
 
 
 class MicroBatches:
     """Endless micro-batches of this rank across epochs. Each one drawn is recorded in the stream's
     state (``micro_batch * world_size`` global positions), so a checkpoint saves where the data stands."""
 
-    def __init__(self, stream: SequenceStream, micro_batch_size: int, num_workers: int):
+    def __init__(self, stream: SourceStream, micro_batch_size: int, num_workers: int):
         self.stream, self.micro_batch_size, self.num_workers = stream, micro_batch_size, num_workers
 
     def __iter__(self) -> Iterator[dict]:
@@ -518,9 +513,7 @@ def plan_run(cfg: RunConfig, train_set, world: int) -> RunPlan:
     same ones every epoch) and the sequences that hold them; one line if not a single step fits."""
     available = train_set.num_documents
     documents = min(cfg.train.max_samples, available) if cfg.train.max_samples else available
-    sequences = train_set.sequences_for_documents(documents)
-    if isinstance(train_set, TarShards):  # whole tars per reader: what every reader can yield, times the readers
-        sequences = train_set.sequences_per_epoch(world * max(1, cfg.data.num_workers), cfg.train.micro_batch_size)
+    sequences = train_set.epoch_sequences(documents, world * max(1, cfg.data.num_workers), cfg.train.micro_batch_size)
     total_steps = plan_steps(cfg, sequences, world)
     if total_steps < 1:
         raise TrainingError(
