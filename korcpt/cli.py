@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
 
-from korcpt.config import field_docs
+from korcpt.config import ModelConfig, field_docs
 from korcpt.errors import KorcptError
 
 T = TypeVar("T")
@@ -100,8 +100,7 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokenizer", help="tokenizer directory or preset (default: ADAPTER/tokenizer, else the model's)")
     ap.add_argument("--new-rows", help="distilled rows of the tokenizer's new tokens (tools/distill_rows.py), "
                                        "for an untrained extended model")
-    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                    help="auto: float32 on CPU, bfloat16 on CUDA")
+    add_options(ap, ModelConfig, "dtype")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:0 (default: cuda if available)")
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import add_model_arguments, emit_report, run_tool
+from korcpt.cli import add_model_arguments, add_options, emit_report, run_tool
+from korcpt.config import EvalConfig
 from korcpt.errors import DataError
 
 
@@ -27,9 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_arguments(ap)
     ap.add_argument("--data", type=Path, required=True, help="KorMedMCQA JSONL (question, A..E, answer 1-based)")
     ap.add_argument("--fewshot", type=Path, help="few-shot examples in the same format (default pool: --data itself)")
-    ap.add_argument("--shots", type=int, default=0, help="few-shot examples per prompt (0..5, default 0)")
-    ap.add_argument("--mode", choices=["letter", "choice"], default="letter", help="scoring mode (default letter)")
-    ap.add_argument("--max-questions", type=int, default=0, help="score only the first N valid questions (0: all)")
+    add_options(ap, EvalConfig, "mcq_shots", "mcq_mode", "mcq_max_questions",  # scored as training evaluates
+                mcq_shots={"flag": "--shots", "dest": "shots"}, mcq_mode={"flag": "--mode", "dest": "mode"},
+                mcq_max_questions={"flag": "--max-questions", "dest": "max_questions"})
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     ap.add_argument("--out", type=Path, help="write the report (without per-question predictions) as JSON here")
     ap.add_argument("--predictions", type=Path, help="write one JSON line per question here")

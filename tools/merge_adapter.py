@@ -14,7 +14,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import run_tool
+from korcpt.cli import add_options, run_tool
+from korcpt.config import ModelConfig
 
 
 def parse_args(argv):
@@ -22,8 +23,8 @@ def parse_args(argv):
     ap.add_argument("--model", required=True, help="base model: preset, local directory, .gguf file or hub id")
     ap.add_argument("--adapter", required=True, type=Path, help="adapter directory written by launch/train.py")
     ap.add_argument("--tokenizer", help="tokenizer (default: ADAPTER/tokenizer, else the model's)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="dtype of the merged weights (auto: float32 on CPU, bfloat16 on CUDA)")
+    add_options(ap, ModelConfig, "dtype", dtype={"help": "dtype of the merged weights (auto: float32 on CPU, "
+                                                         "bfloat16 on CUDA)"})
     ap.add_argument("--out", required=True, type=Path, help="output directory")
     return ap.parse_args(argv)
 
