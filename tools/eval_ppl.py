@@ -29,7 +29,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from korcpt.cli import add_model_arguments, emit_report, run_tool
+from korcpt.cli import add_model_arguments, add_options, emit_report, run_tool
+from korcpt.config import EvalConfig
 from korcpt.errors import ConfigError, DataError
 
 
@@ -39,8 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", type=Path, help="shard directory written by tools/build_shards.py")
     source.add_argument("--text", type=Path, help="plain documents: .txt (a line each) or .jsonl ({\"text\"})")
-    ap.add_argument("--max-val-sequences", type=int, default=0, help="first N validation sequences only (0: all)")
-    ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    add_options(ap, EvalConfig, "max_val_sequences", "batch_size")  # the trainer's defaults
     ap.add_argument("--document-mask", action=argparse.BooleanOptionalAction, default=None,
                     help="mask attention per document as the trainer's data.document_mask does (default: the "
                          "run's config.yaml beside --adapter, else off)")
