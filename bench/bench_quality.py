@@ -71,9 +71,9 @@ def build(work: Path, base_cfg: str, steps: list[int], seq_len: int, new_tokens:
 
 
 def held_out_texts() -> list[str]:
-    from korcpt.eval.perplexity import read_documents
+    from korcpt.eval.perplexity import read_heldout_texts
 
-    return read_documents(HELD_OUT)[0]
+    return read_heldout_texts(HELD_OUT)[0]
 
 
 def score(model_name: str, texts: list[str], **kwargs) -> dict:

@@ -90,9 +90,9 @@ def main(argv=None) -> int:
 def held_out_bpc(cfg) -> dict[str, dict]:
     """Bits per character on HELD_OUT: base model and tokenizer, extended before training, and trained."""
     from korcpt.eval.loading import load_for_eval
-    from korcpt.eval.perplexity import read_documents, score_text
+    from korcpt.eval.perplexity import read_heldout_texts, score_text
 
-    texts, _ = read_documents(HELD_OUT)
+    texts, _ = read_heldout_texts(HELD_OUT)
     sides = {"base": {}, "extended, mean rows, untrained": {"tokenizer": cfg.model.tokenizer}}
     if cfg.model.new_rows:
         sides["extended, distilled rows, untrained"] = {"tokenizer": cfg.model.tokenizer, "new_rows": cfg.model.new_rows}

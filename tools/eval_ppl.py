@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def score_text_file(args: argparse.Namespace) -> int:
     from korcpt.eval.loading import load_from_arguments
-    from korcpt.eval.perplexity import read_documents, score_text
+    from korcpt.eval.perplexity import read_heldout_texts, score_text
 
-    texts, skipped = read_documents(args.text)  # bad input fails before the model loads
+    texts, skipped = read_heldout_texts(args.text)  # bad input fails before the model loads
     if not texts:
         raise DataError(f"{args.text}: no document to score ({len(skipped)} line(s) skipped)")
     model, tokenizer = load_from_arguments(args)

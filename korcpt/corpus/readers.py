@@ -18,17 +18,15 @@ import codecs
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from korcpt.errors import DataError
+from korcpt.files import MALFORMED_JSON, NON_UTF8, Record, Rejected, iter_jsonl
 
 # Why a record was rejected (counted per source in report.json).
-MALFORMED_JSON = "malformed_json"
 MISSING_FIELD = "missing_field"
 BAD_ANSWER = "bad_answer"
-NON_UTF8 = "non_utf8"
 REJECT_REASONS = (MALFORMED_JSON, MISSING_FIELD, BAD_ANSWER, NON_UTF8)
 
 _READ_BYTES = 1 << 20
@@ -36,24 +34,6 @@ _MAX_ELEMENT_CHARS = 256 << 20  # a JSON array element larger than this is treat
 _SURROGATE = re.compile(r"[\udc80-\udcff]")  # bytes that were not UTF-8, kept by surrogateescape
 _ARROW_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _TEXT_SUFFIXES = (".json", ".jsonl", ".txt")
-
-
-@dataclass(frozen=True)
-class Record:
-    """One decoded input record: a JSON value, or the text of a ``.txt`` file (``is_text``)."""
-
-    where: str  # "file:line" (JSON/JSONL/txt) or "dir[split]:row N" (Arrow)
-    value: Any
-    is_text: bool = False
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A record that could not be decoded; ``reason`` is one of :data:`REJECT_REASONS`."""
-
-    where: str
-    reason: str
-    detail: str
 
 
 def _is_arrow_dir(path: Path) -> bool:
@@ -141,7 +121,7 @@ def iter_records(path: Path) -> Iterator[Record | Rejected]:
     if path.suffix == ".txt":
         yield from _iter_txt(path)
     elif path.suffix == ".jsonl" or _first_char(path) != "[":
-        yield from _iter_jsonl(path)
+        yield from iter_jsonl(path)
     else:
         yield from _iter_json_array(path)
 
@@ -155,10 +135,6 @@ def _first_char(path: Path) -> str:
     return chr(stripped[0])
 
 
-def _bad_bytes(raw: bytes, exc: UnicodeDecodeError) -> str:
-    return f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte {exc.start} of the line"
-
-
 def _iter_txt(path: Path) -> Iterator[Record | Rejected]:
     raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
@@ -170,35 +146,6 @@ def _iter_txt(path: Path) -> Iterator[Record | Rejected]:
     if not text.strip():
         raise DataError(f"{path}: file holds only whitespace")
     yield Record(f"{path}:1", text, is_text=True)
-
-
-def _iter_jsonl(path: Path) -> Iterator[Record | Rejected]:
-    any_line = False
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            raw = raw.rstrip(b"\r\n")
-            if not raw.strip():
-                continue  # blank lines hold no record
-            any_line = True
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield Rejected(where, NON_UTF8, _bad_bytes(raw, exc))
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield Rejected(where, MALFORMED_JSON, f"{exc.msg} at column {exc.colno}")
-                continue
-            except RecursionError:  # json's decoder recurses once per level: "[[[[..." 100,000 deep
-                yield Rejected(where, MALFORMED_JSON, "JSON nested too deeply")
-                continue
-            yield Record(where, value)
-    if not any_line:
-        raise DataError(f"{path}: file holds no records")
 
 
 def _iter_json_array(path: Path) -> Iterator[Record | Rejected]:

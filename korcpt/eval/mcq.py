@@ -39,7 +39,6 @@ split across ranks (``rank::world_size``) with every rank running the same numbe
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch
 from korcpt.corpus.mcq import LETTERS, MCQItem, MCQRecordError, parse_mcq_record
 from korcpt.errors import DataError, ModelError
 from korcpt.eval.perplexity import model_device
+from korcpt.files import Rejected, iter_jsonl
 from korcpt.log import get_logger, progress
 from korcpt.model.lora import unwrap_base
 from korcpt.model.loss import forward_kwargs
@@ -83,31 +83,18 @@ def load_mcq(path: str | Path) -> tuple[list[MCQItem], list[str]]:
         raise DataError(f"MCQ file not found: {path}")
     items: list[MCQItem] = []
     skipped: list[str] = []
-    nonblank = 0
     try:
-        with open(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    nonblank += 1
-                    skipped.append(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})")
-                    continue
-                if not line.strip():
-                    continue
-                nonblank += 1
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    skipped.append(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
-                    continue
-                try:
-                    items.append(parse_mcq_record(obj))
-                except MCQRecordError as exc:
-                    skipped.append(f"{path}:{lineno}: {exc}")
+        for rec in iter_jsonl(path, allow_empty=True):
+            if isinstance(rec, Rejected):
+                skipped.append(str(rec))
+                continue
+            try:
+                items.append(parse_mcq_record(rec.value))
+            except MCQRecordError as exc:
+                skipped.append(f"{rec.where}: {exc}")
     except OSError as exc:
         raise DataError(f"cannot read MCQ file {path}: {exc.strerror or exc}") from None
-    if nonblank == 0:
+    if not items and not skipped:
         raise DataError(f"MCQ file is empty: {path}")
     return items, skipped
 

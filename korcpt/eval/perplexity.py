@@ -11,7 +11,6 @@ sums are carried instead and divided once, after the cross-rank reduction.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -129,31 +128,27 @@ def evaluate_perplexity(
 # ---------------------------------------------------------------- bits per character on text
 
 
-def read_documents(path: Path) -> tuple[list[str], list[str]]:
-    """Documents of ``path``: a ``.txt`` holds one per non-empty line, a ``.jsonl`` one ``{"text": ...}``
-    per line. Returns ``(texts, skipped)``; a JSONL line that is not such an object is skipped with a
-    message naming its line."""
+def read_heldout_texts(path: Path) -> tuple[list[str], list[str]]:
+    """Held-out texts to score in bits per character: a ``.txt`` holds one per non-empty line, a
+    ``.jsonl`` one ``{"text": ...}`` per line. Returns ``(texts, skipped)``; a JSONL line that is not
+    such an object is skipped with a message naming its file and line."""
     from korcpt.errors import DataError
+    from korcpt.files import Record, Rejected, iter_jsonl
 
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataError(f"{path}: expected a .txt (a document a line) or .jsonl ({{\"text\"}} a line) file")
+    if path.suffix == ".txt":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], []
     texts, skipped = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            texts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            skipped.append(f"{path.name}:{number}: not JSON ({exc.msg})")
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record["text"].strip():
-            skipped.append(f"{path.name}:{number}: expected an object with a non-empty \"text\"")
-            continue
-        texts.append(record["text"])
+    for rec in iter_jsonl(path, allow_empty=True):
+        text = rec.value.get("text") if isinstance(rec, Record) and isinstance(rec.value, dict) else None
+        if isinstance(rec, Rejected):
+            skipped.append(str(rec))
+        elif not isinstance(text, str) or not text.strip():
+            skipped.append(f"{rec.where}: expected an object with a non-empty \"text\"")
+        else:
+            texts.append(text)
     return texts, skipped
 
 

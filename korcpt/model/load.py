@@ -32,7 +32,7 @@ def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_tokenizer(mcfg: ModelConfig):
+def run_tokenizer(mcfg: ModelConfig):
     """The run's tokenizer: ``model.tokenizer`` if set, else the model's own."""
     name = mcfg.tokenizer or mcfg.name
     if mcfg.random_init and not mcfg.tokenizer:
@@ -141,7 +141,7 @@ def load_model_and_tokenizer(mcfg: ModelConfig, device: torch.device, seed: int 
         (model, tokenizer, new_token_ids): ``new_token_ids`` are the rows added for tokens the base
         model did not have (empty when the tokenizer is the model's own or the model is random).
     """
-    tokenizer = load_tokenizer(mcfg)
+    tokenizer = run_tokenizer(mcfg)
     dtype = resolve_dtype(mcfg, device)
     if mcfg.random_init:
         return build_random_model(mcfg, len(tokenizer), dtype, seed), tokenizer, []

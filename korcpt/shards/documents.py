@@ -9,12 +9,14 @@ converts text: that is the corpus stage's work (:mod:`korcpt.corpus`).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from korcpt.errors import DataError
+from korcpt.files import Record, Rejected, decode_jsonl_line, iter_jsonl
 
 CHUNK_BYTES = 1 << 20  # lines handed to a tokenizer worker at a time
 
@@ -28,18 +30,28 @@ class Document(NamedTuple):
 
 
 def parse_document(line: bytes, path: str, lineno: int) -> Document:
-    """Decode line ``lineno`` of ``path`` into a :class:`Document`.
+    """Decode line ``lineno`` of ``path`` into a :class:`Document` (a tokenizer worker's one line).
+
+    Raises:
+        DataError: see :func:`document`.
+    """
+    raw = line.removeprefix(codecs.BOM_UTF8) if lineno == 1 else line
+    return document(decode_jsonl_line(raw.rstrip(b"\r\n"), f"{path}:{lineno}"))
+
+
+def document(rec: Record | Rejected) -> Document:
+    """A decoded documents line as a :class:`Document`.
 
     Raises:
         DataError: the line is not JSON, or not an object with a string ``text``; names file and line.
     """
-    try:
-        obj = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deeply for the decoder
-        raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+    if isinstance(rec, Rejected):
+        raise DataError(f"{rec.where}: not valid JSON ({rec.detail})")
+    obj = rec.value
     text = obj.get("text") if isinstance(obj, dict) else None
     if not isinstance(text, str):
-        raise DataError(f"{path}:{lineno}: expected an object with a string \"text\", found {line[:80]!r}")
+        found = json.dumps(obj, ensure_ascii=False)[:80]
+        raise DataError(f"{rec.where}: expected an object with a string \"text\", found {found}")
     source, raw = obj.get("source"), obj.get("raw")
     return Document(text, str(source) if source else None, raw if isinstance(raw, str) else None)
 
@@ -48,12 +60,10 @@ def read_documents(path: Path) -> Iterator[Document]:
     """Every document of a documents file, in order (blank lines are skipped).
 
     Raises:
-        DataError: a line that :func:`parse_document` refuses.
+        DataError: a line that :func:`document` refuses.
     """
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                yield parse_document(line, str(path), lineno)
+    for rec in iter_jsonl(path, allow_empty=True):
+        yield document(rec)
 
 
 class LineChunks:

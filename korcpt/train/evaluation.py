@@ -36,9 +36,9 @@ def load_heldout_for_run(cfg: RunConfig) -> list[str]:
     if not cfg.eval.heldout_file:
         return []
     from korcpt.config import resolve_path
-    from korcpt.eval.perplexity import read_documents
+    from korcpt.eval.perplexity import read_heldout_texts
 
-    texts, skipped = read_documents(resolve_path(cfg, cfg.eval.heldout_file))
+    texts, skipped = read_heldout_texts(resolve_path(cfg, cfg.eval.heldout_file))
     if skipped:
         log.warning("eval.heldout_file: %d lines skipped, first: %s", len(skipped), skipped[0])
     return texts

@@ -60,7 +60,7 @@ from typing import Iterable, Iterator
 
 from korcpt.assets import load_tokenizer
 from korcpt.errors import DataError, ModelError
-from korcpt.files import replace_dir, staging_dir
+from korcpt.files import Record, iter_jsonl, replace_dir, staging_dir
 from korcpt.log import get_logger
 
 log = get_logger(__name__)
@@ -123,20 +123,17 @@ def read_texts(corpus: Path | None, terms: Iterable[Path] = (), max_chars: int =
     for path in ([corpus] if corpus else []):
         if not path.is_file():
             raise DataError(f"corpus {path} not found (expected a raw_text_mixed.jsonl of {{\"text\": ...}} lines)")
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" string") from None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: \"text\" is {type(text).__name__}, expected a string")
-                yield text
-                seen += len(text)
-                if max_chars and seen >= max_chars:
-                    return
+        for rec in iter_jsonl(path, allow_empty=True):
+            obj = rec.value if isinstance(rec, Record) else None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise DataError(f"{rec.where}: expected a JSON object with a \"text\" string")
+            text = obj["text"]
+            if not isinstance(text, str):
+                raise DataError(f"{rec.where}: \"text\" is {type(text).__name__}, expected a string")
+            yield text
+            seen += len(text)
+            if max_chars and seen >= max_chars:
+                return
     for path in terms:
         if not path.is_file():
             raise DataError(f"term file {path} not found (expected one term a line)")

@@ -33,7 +33,7 @@ import torch
 
 from korcpt.config import ModelConfig, RunConfig, load_config
 from korcpt.errors import DataError, ModelError, TrainingError
-from korcpt.model.load import load_model_and_tokenizer, load_tokenizer
+from korcpt.model.load import load_model_and_tokenizer, run_tokenizer
 from korcpt.shards.wds import PICKLE_EXTENSIONS, iter_windows
 from tinyrun import ROOT, run_config
 
@@ -185,7 +185,7 @@ def test_custom_code_in_a_model_or_tokenizer_dir_is_not_imported_by_default(tmp_
     if what.startswith("tokenizer"):
         d, marker = _evil_tokenizer_dir(tmp_path, tok)
         mcfg = ModelConfig(name="unused", tokenizer=str(d))
-        load = lambda: load_tokenizer(mcfg)  # noqa: E731
+        load = lambda: run_tokenizer(mcfg)  # noqa: E731
     else:
         d, marker = _evil_model_dir(tmp_path, tok, "korcpt_evil" if what.startswith("unknown") else "gemma3_text")
         mcfg = ModelConfig(name=str(d), tokenizer=str(tok), dtype="float32", attn_implementation="eager")
@@ -211,8 +211,8 @@ def test_positive_control_trust_remote_code_true_would_import_it(tmp_path, tiny_
     tok, _ = tiny_data
     d, marker = _evil_tokenizer_dir(tmp_path, tok)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "PYTHONPATH": str(ROOT)}
-    code = ("from korcpt.config import ModelConfig\nfrom korcpt.model.load import load_tokenizer\n"
-            f"try:\n    load_tokenizer(ModelConfig(name='x', tokenizer={str(d)!r}, trust_remote_code=True))\n"
+    code = ("from korcpt.config import ModelConfig\nfrom korcpt.model.load import run_tokenizer\n"
+            f"try:\n    run_tokenizer(ModelConfig(name='x', tokenizer={str(d)!r}, trust_remote_code=True))\n"
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
     subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, timeout=300, capture_output=True)
     assert marker.exists()
