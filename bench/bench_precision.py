@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_precision.py [--steps 6] [--lr 2e-5]
 
 A bfloat16 weight cannot take an update below half its ulp (about 6e-5 for |w| = 0.03), while an
-AdamW step at the spec's lr 2e-5 is about 2e-5: without float32 master weights most entries never
+AdamW step at train_raw_korean_text.md's lr 2e-5 is about 2e-5: without float32 master weights most entries never
 move. This trains the tiny pretrained Gemma 3 of the tests (one process, no DeepSpeed) in each
 embedding mode, in float32 and in bfloat16, and prints for each kind of trainable tensor the fraction
 of its saved entries that differ from where the run started, and the last loss against float32's.

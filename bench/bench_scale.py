@@ -1,4 +1,4 @@
-"""The seed's scale on this machine: corpus and shard build, reader and epoch order, at 1x and 10x.
+"""The scale of train_raw_korean_text.md on this machine: corpus and shard build, reader and epoch order, at 1x and 10x.
 
     .venv/bin/python bench/bench_scale.py [--scale 1 10] [--workdir /tmp/scale] [--docs 130000]
     .venv/bin/python bench/bench_scale.py --smoke           # a few hundred documents (tests/test_bench_smoke.py)

@@ -1,4 +1,4 @@
-"""The spec's conversion examples, exactly, and the particle rule in both cases of every pair."""
+"""The conversion examples of train_raw_korean_text.md, exactly, and the particle rule in both cases of every pair."""
 
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def test_random_init_under_zero3_is_the_one_process_model(tmp_path, tiny_data, e
     assert sorted(trained_ids(zero3)) == sorted(trained_ids(one))
 
 
-# bfloat16 at the spec's lr 2e-5, where a bfloat16 weight without a float32 master keeps most of its
+# bfloat16 at train_raw_korean_text.md's lr 2e-5, where a bfloat16 weight without a float32 master keeps most of its
 # entries (30% of the full embedding moved in 6 steps, bench/bench_precision.py). Tolerance against the
 # float32 run: losses rel 5e-4 (bfloat16 logits; measured max 8.4e-5, new rows and full embedding).
 BF16_LR = 2e-5

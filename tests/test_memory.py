@@ -13,7 +13,7 @@ from korcpt.model.lora import apply_lora, count_parameters
 from korcpt.model.memory import GIB, count_params, plan, zero_stage_of_accelerate_config
 from korcpt.assets import ROOT
 
-VOCAB = 282_738  # the spec's extended vocabulary
+VOCAB = 282_738  # the extended vocabulary of train_raw_korean_text.md
 
 
 def run_config(model: str, mode: str, **train) -> RunConfig:

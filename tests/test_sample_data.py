@@ -1,4 +1,4 @@
-"""The shipped sample data in data/sample/ keeps the four raw formats of the spec.
+"""The shipped sample data in data/sample/ keeps the four raw formats of train_raw_korean_text.md.
 
 These checks pin the shapes and counts so the data cannot silently rot: other
 modules and their tests read these files as fixtures.

@@ -399,7 +399,7 @@ def _korean_or_rejected_batch(batch: list[tuple[Record | Rejected, str]]) -> lis
 
 
 def distribution(base: dict[str, int], final: dict[str, int], multiplier: int) -> list[dict[str, Any]]:
-    """The spec's distribution table: per source base, multiplier, final count and share of the mix.
+    """The distribution table of train_raw_korean_text.md: per source base, multiplier, final count, share.
 
     Args:
         base: kept documents per source (before multiplication).

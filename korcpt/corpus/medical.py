@@ -1,4 +1,4 @@
-"""The three medical sources as training sentences, exactly in the forms the spec shows.
+"""The three medical sources as training sentences, exactly in the forms train_raw_korean_text.md shows.
 
 Each converter takes one decoded JSON value and returns the text, or raises :class:`RecordError`
 whose ``reason`` is a rejection reason of :mod:`korcpt.corpus.readers` (``missing_field``,

@@ -10,14 +10,14 @@ The rule, applied to the word's last sounding character after dropping a trailin
 * an acronym (a run of at most 5 capital Latin letters): by the letter's Korean name; L 엘, M 엠, N 엔,
   R 알 end in a consonant (``LDL은``, ``CT는``);
 * anything else (an English word, a symbol): the vowel form. English spelling does not tell the
-  Korean reading, and the vowel form is what the spec shows: ``↑는``, ``...upward trend를``.
+  Korean reading, and the vowel form is what train_raw_korean_text.md shows: ``↑는``, ``...upward trend를``.
 
-Why not a library. Measured on 14 words (the spec's, the ones above, and ``HbA1c``, ``pain``):
+Why not a library. Measured on 14 words (train_raw_korean_text.md's, the ones above, and ``HbA1c``, ``pain``):
 ``tossi`` 0.3.1 (last release 2018) agrees on Hangul, parentheticals and digits but writes the
 undecided form ``↑은(는)`` / ``trend을(를)`` / ``LDL은(는)`` for every other non-Hangul ending, which
-breaks both spec examples;
+breaks both of its examples;
 ``pyjosa`` 1.0.3 raises on any non-Hangul character, ``고혈압(Hypertension)`` included; ``josa`` 0.0.8
-does not install (Python 2 setup). The rule above is 30 lines and does the spec's cases right.
+does not install (Python 2 setup). The rule above is 30 lines and does its cases right.
 """
 
 from __future__ import annotations

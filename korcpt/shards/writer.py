@@ -425,7 +425,7 @@ def _previous_corpus_report(path: Path) -> dict | None:
 
 
 def _report(manifest: dict, per_source: dict, corpus_report: dict | None) -> dict:
-    """report.json: the corpus report plus the spec's 'Dataset Token Analysis' figures per split and source."""
+    """report.json: the corpus report plus train_raw_korean_text.md's 'Dataset Token Analysis' per split and source."""
     def summary(docs: int, tokens: int) -> dict:
         return {"documents": docs, "tokens": tokens, "avg_tokens_per_document": round(tokens / docs, 1) if docs else 0.0}
 
