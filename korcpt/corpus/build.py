@@ -19,11 +19,7 @@ How it runs, and why memory stays flat in the size of the Korean input:
    documents' running copy totals, and copied from the spool; the output appears under its name
    only when complete, and ``report.json`` is written last.
 
-Measured (``bench/bench_scale.py``'s inputs, workers 2, main process): peak RSS 57 MiB for 130,000
-documents, 74 MiB for 520,000 (59 and 93 before the shuffle was sliced: 45 bytes a document of growth
-instead of 92). The stage's last steps alone (spool, duplicate check, shuffle; tiny documents, 130,000
-and 1.3M) peak at 23 bytes a document of growth; in the whole stage the peak came earlier, while
-cleaning (RSS was back to 51 MiB at 520,000 documents when the shuffle began), not attributed.
+The measured peak memory is in bench/README.md, "Scale".
 
 Same inputs and seed give a byte-identical ``raw_text_mixed.jsonl``. Each line is
 ``{"text": ..., "source": "korean|mcq|medical_dict|char_dict"}``; the shard stage may split

@@ -26,20 +26,10 @@ How the tokens are added, and why:
 * HuggingFace added tokens are matched on the raw text before the model runs: the word is cut at
   every occurrence, also inside longer words that merely contain it, and the ``▁`` of the preceding
   space is left as a token of its own (`` 간염은`` -> ``▁ 간염 은``; the BPE extension gives
-  ``▁간염 은``). Measured with ``bench/bench_vocab.py`` on Gemma 3 (extension learned from the two
-  medical lists and the statutes, 8,192 new tokens; 2 shared CPU cores, so chars/s are noisy)::
-
-      tokens / 100 Hangul syllables     base   BPE extension   same strings as added tokens
-      medical_terms_ko.txt             100.0        52.6           53.6
-      medical_exam_words_ko.txt         88.0        50.8           50.6
-      statutes and bills               105.7        71.9           90.0
-      throughput vs base (chars/s)       1.0x     0.86-1.08x      0.86-1.82x
-
-  Added tokens lose most where it matters, in running text (90.0 vs 71.9 on the statutes: every
-  word after a space pays for a lone ``▁``), and made 30 of the 19,551 exam words *longer* than the
-  base does (``그리고`` -> ``그리 고``, ``당일부터`` -> ``당 일부 터``: a word cut at a token it merely
-  contains); the BPE extension cannot make any text longer. Their speed was no worse here (the
-  matcher splits Gemma's unsplit lines into shorter BPE words), so the choice rests on segmentation.
+  ``▁간염 은``). So added tokens cost most in running text, where every word after a space pays for
+  a lone ``▁``, and can make a word *longer* than the base does (``그리고`` -> ``그리 고``: a word cut
+  at a token it merely contains); the BPE extension cannot make any text longer. The measurements
+  (``bench/bench_vocab.py``) are in bench/README.md, "Vocabulary extension".
 
 The output directory holds the extended ``tokenizer.json`` (plus the base's tokenizer config), so
 ``AutoTokenizer.from_pretrained(out)`` loads it, and ``report.json``. It is written beside ``out``
