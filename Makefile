@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is installed first and pinned: on a machine without a GPU this is the CPU build (this
-# workplace keeps its wheel on local disk). Elsewhere pass TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# for a CPU build, or leave it empty on a GPU machine.
+# torch is installed first and pinned (TORCH_VERSION). pip takes it from its configured index; on a
+# machine without a GPU pass TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build instead
+# of a multi-GB CUDA one, or leave it empty on a GPU machine.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 TORCH_INDEX_FLAG := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
