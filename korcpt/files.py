@@ -8,7 +8,8 @@ private to the user), so what is published gets the usual permissions.
 
 JSONL: :func:`iter_jsonl` decodes a file line by line into :class:`Record` (the JSON value) or
 :class:`Rejected` (a line that is not UTF-8 or not JSON, with ``file:line``), so that each caller
-counts or refuses bad lines by its own policy; :func:`jsonl_values` does either for it.
+counts bad lines (the corpus report, MCQ and held-out skips) or refuses them (shards, vocabulary) by
+its own policy; ``str(rejected)`` is the message for people.
 """
 
 from __future__ import annotations
@@ -229,21 +230,3 @@ def iter_jsonl(path: Path, allow_empty: bool = False) -> Iterator[Record | Rejec
             yield decode_jsonl_line(raw, f"{path}:{lineno}")
     if not any_line and not allow_empty:
         raise DataError(f"{path}: file holds no records")
-
-
-def jsonl_values(path: Path, bad: list[Rejected] | None = None,
-                 allow_empty: bool = False) -> Iterator[Record]:
-    """The decodable lines of a JSONL file; the others are appended to ``bad`` (the caller counts and
-    reports them) or, when ``bad`` is None, refused.
-
-    Raises:
-        DataError: as :func:`iter_jsonl`; or, without ``bad``, the first line that is not UTF-8 JSON,
-            as ``"FILE:LINE: invalid JSON (why)"``.
-    """
-    for rec in iter_jsonl(path, allow_empty=allow_empty):
-        if isinstance(rec, Record):
-            yield rec
-        elif bad is None:
-            raise DataError(str(rec))
-        else:
-            bad.append(rec)
