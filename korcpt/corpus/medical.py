@@ -13,11 +13,11 @@ from typing import Any
 from korcpt.corpus.mcq import MCQItem, MCQRecordError, parse_mcq_record
 from korcpt.corpus.particles import attach
 from korcpt.corpus.readers import BAD_ANSWER, MISSING_FIELD
-from korcpt.corpus.text import collapse_spaces, normalize_text
+from korcpt.corpus.text import HANGUL_CLASS, collapse_spaces, normalize_text
 
 # A trailing parenthetical that holds Latin letters and no Hangul: "항문열창(anal fissure)".
-_ENGLISH_PAREN = re.compile(r"\s*\((?=[^()]*[A-Za-z])[^()가-힣]*\)\s*$")
-_HANGUL = re.compile(r"[가-힣]")
+_ENGLISH_PAREN = re.compile(rf"\s*\((?=[^()]*[A-Za-z])[^(){HANGUL_CLASS}]*\)\s*$")
+_HANGUL = re.compile(f"[{HANGUL_CLASS}]")
 
 
 class RecordError(ValueError):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 
-from korcpt.corpus.text import is_hangul_syllable
+from korcpt.corpus.text import HANGUL_FIRST, is_hangul_syllable
 
 PAIRS = {"은": ("은", "는"), "는": ("은", "는"), "이": ("이", "가"), "가": ("이", "가"), "을": ("을", "를"), "를": ("을", "를")}
 _CONSONANT_DIGITS = set("013678")
@@ -53,7 +53,7 @@ def has_final_consonant(word: str) -> bool:
         return False
     last = stripped[-1]
     if is_hangul_syllable(last):
-        return (ord(last) - 0xAC00) % 28 != 0
+        return (ord(last) - ord(HANGUL_FIRST)) % 28 != 0  # 28 finals per initial+vowel; 0 is none
     if last.isdigit() and last.isascii():
         return last in _CONSONANT_DIGITS
     acronym = _ACRONYM.search(stripped)

@@ -53,9 +53,20 @@ def collapse_spaces(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+# The precomposed Hangul syllables, 가 (U+AC00) to 힣 (U+D7A3): the one definition every stage uses.
+HANGUL_FIRST, HANGUL_LAST = "\uac00", "\ud7a3"
+HANGUL_CLASS = f"{HANGUL_FIRST}-{HANGUL_LAST}"  # inside a regex character class: [가-힣]
+_SYLLABLE = re.compile(f"[{HANGUL_CLASS}]")
+
+
 def is_hangul_syllable(ch: str) -> bool:
     """True for a precomposed Hangul syllable (가..힣)."""
-    return "\uac00" <= ch <= "\ud7a3"
+    return HANGUL_FIRST <= ch <= HANGUL_LAST
+
+
+def hangul_syllables(text: str) -> int:
+    """The number of precomposed Hangul syllables in ``text``."""
+    return len(_SYLLABLE.findall(text))
 
 
 # Which code points str.isspace() accepts: all lie below U+3001, so a lookup table up to there and
@@ -75,7 +86,8 @@ def hangul_ratio(text: str) -> float:
     non_space = cp.size - spaces
     if not non_space:
         return 0.0
-    hangul = ((cp >= 0xAC00) & (cp <= 0xD7A3)) | ((cp >= 0x3131) & (cp <= 0x318E)) | ((cp >= 0x1100) & (cp <= 0x11FF))
+    syllable = (cp >= ord(HANGUL_FIRST)) & (cp <= ord(HANGUL_LAST))
+    hangul = syllable | ((cp >= 0x3131) & (cp <= 0x318E)) | ((cp >= 0x1100) & (cp <= 0x11FF))
     return int(hangul.sum()) / non_space
 
 

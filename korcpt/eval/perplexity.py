@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from korcpt.corpus.text import hangul_syllables
 from korcpt.log import get_logger
 from korcpt.model.loss import token_nll_per_position
 
@@ -159,11 +160,6 @@ def target_chars(tokenizer, labels: torch.Tensor) -> torch.Tensor:
 
     rows = [[int(t) for t in row if t != IGNORE_INDEX] for row in labels.tolist()]
     return torch.tensor([len(tokenizer.decode(r, skip_special_tokens=True)) for r in rows], dtype=torch.long)
-
-
-def hangul_syllables(text: str) -> int:
-    """Precomposed Hangul syllables (U+AC00..U+D7A3) in ``text``."""
-    return sum("\uac00" <= ch <= "\ud7a3" for ch in text)
 
 
 def _document_ids(tokenizer, text: str) -> list[int]:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from korcpt.assets import load_tokenizer
+from korcpt.corpus.text import HANGUL_CLASS, hangul_syllables, is_hangul_syllable
 from korcpt.errors import DataError, ModelError
 from korcpt.files import Record, iter_jsonl, replace_dir, staging_dir
 from korcpt.log import get_logger
@@ -56,10 +57,9 @@ from korcpt.log import get_logger
 log = get_logger(__name__)
 
 SPACE = "▁"
-_HANGUL_START = re.compile(r"▁?[가-힣]*")  # a run may open with the space marker
-_HANGUL = re.compile(r"[가-힣]+")
+_HANGUL_START = re.compile(f"▁?[{HANGUL_CLASS}]*")  # a run may open with the space marker
+_HANGUL = re.compile(f"[{HANGUL_CLASS}]+")
 _BYTE = re.compile(r"<0x([0-9A-F]{2})>")
-_SYLLABLE = re.compile(r"[가-힣]")
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _runs(tokens: list[str], word_ids: list[int | None]) -> Iterator[tuple[str, 
                 ch = bytes(int(_BYTE.fullmatch(t).group(1), 16) for t in tokens[i : i + 3]).decode("utf-8")
             except (AttributeError, UnicodeDecodeError):
                 ch = ""
-            if _SYLLABLE.fullmatch(ch):
+            if is_hangul_syllable(ch):
                 tok, step = ch, 3
         if word_ids[i] != prev_word and run:
             yield tuple(run)
@@ -404,10 +404,6 @@ def build_extended_tokenizer(base_tokenizer, ext: Extension, out_dir: Path):
 
 
 # --------------------------------------------------------------------------------------- measurement
-
-
-def hangul_syllables(text: str) -> int:
-    return len(_SYLLABLE.findall(text))
 
 
 def count_tokens(tokenizer, lines: list[str]) -> int:
