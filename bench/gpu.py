@@ -9,7 +9,7 @@ so that peak memory and start-up state are its own:
 
 1. Tokenizers without downloads. Compute depends on the vocabulary size, not on what the ids mean, so a
    word-level tokenizer with Gemma 3's 262,144 ids (Gemma's special ids: pad 0, eos 1, bos 2, unk 3) is
-   the base, and the same plus ``--new-tokens`` words (default 20,594: the spec's 282,738-token extended
+   the base, and the same plus ``--new-tokens`` words (default 20,594: a 282,738-token extended
    vocabulary) is the extension. Both are ordinary ``PreTrainedTokenizerFast`` directories.
 2. Shards written by korcpt's own writer (``korcpt.shards.writer.write_shards``) from a synthetic corpus
    of random words of the extended vocabulary (about 7% of tokens are new ones), no validation split.
@@ -29,8 +29,9 @@ Measured per side: target tokens/s over the training steps (setup, loading and s
 ``training_info.json``'s definition for korcpt, on_epoch_begin .. last on_step_end for Trainer), MFU and
 ``torch.cuda.max_memory_allocated()`` over the whole process.
 
-FLOP convention of the MFU (model FLOPs of the work a LoRA run must do; :func:`flops_per_token`):
-per processed token of a sequence of S tokens (no document masking),
+FLOP convention of the MFU (model FLOPs of the work a LoRA run must do; :func:`flops_per_token`, which
+is the trainer's :mod:`korcpt.model.flops`): per processed token of a sequence of S tokens (no
+document masking),
 
     N_frozen = sum of d_in * d_out over the language model's linear layers (q, k, v, o, gate, up, down)
                + V * H of the (tied) output head, V = padded vocabulary rows; the embedding lookup and
@@ -76,7 +77,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench_train import RESULT_TAG, run_worker, write_run_config  # noqa: E402
 
 GEMMA3_TOKENS = 262_144
-SPEC_VOCAB = 282_738  # the spec's extended vocabulary
+EXTENDED_VOCAB = 282_738  # the extended vocabulary the default --new-tokens makes
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 
 
@@ -171,30 +172,19 @@ def make_base_model(out: Path, arch: dict, base_tokenizer: Path) -> None:
 
 
 def flops_per_token(arch: dict, vocab_rows: int, seq_len: int, r: int, new_rows: int) -> dict:
-    """Model FLOPs per processed token of a LoRA run (module docstring); counts from the meta model."""
-    from korcpt.config import LoraConfig
-    from korcpt.model.load import arch_config, build_meta_model
-    from korcpt.model.lora import lora_targets
-    from korcpt.model.memory import arch_info
+    """Model FLOPs per processed token of a LoRA run (module docstring): the trainer's own count,
+    :func:`korcpt.model.flops.arch_flops_per_token`, so training_info.json's MFU is this one."""
+    from korcpt.model.flops import arch_flops_per_token
 
-    model = build_meta_model(arch, vocab_rows)
-    info = arch_info(arch, vocab_rows)
-    n_lin = n_lora = 0
-    for module in lora_targets(model, LoraConfig(r=r, target_modules="all-linear")):
-        n_lin += module.in_features * module.out_features
-        n_lora += r * (module.in_features + module.out_features)
-    n_head = vocab_rows * info.hidden
-    layer_types = list(arch_config(arch).get_text_config().layer_types)
-    full_ctx = (seq_len + 1) / 2
-    window = info.sliding_window or seq_len
-    w = min(window, seq_len)  # mean over i < seq_len of min(i + 1, W)
-    sliding_ctx = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
-    attn = sum(4 * info.heads * info.head_dim * (sliding_ctx if t == "sliding_attention" else full_ctx)
-               for t in layer_types[: info.layers])
-    n_frozen = n_lin + n_head
-    total = 4 * n_frozen + 6 * n_lora + 2 * new_rows * info.hidden + 3 * attn
-    return {"total": total, "n_frozen": n_frozen, "n_lora": n_lora, "attention_fwd": attn,
-            "new_rows": new_rows, "hidden": info.hidden}
+    return arch_flops_per_token(arch, vocab_rows, seq_len, r, new_rows)
+
+
+def side_mfu(flops: dict, processed_tokens: int, train_seconds: float, peak: float | None) -> float | None:
+    """MFU of a side that processed ``processed_tokens`` tokens in ``train_seconds``, at ``peak`` FLOP/s:
+    the trainer's formula (:func:`korcpt.train.metrics.mfu`) on one device."""
+    from korcpt.train.metrics import mfu
+
+    return mfu(processed_tokens / train_seconds, flops["total"], peak / 1e12 if peak else None)
 
 
 def peak_flops(device_name: str | None, override_tflops: float | None) -> float | None:
@@ -231,7 +221,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny multimodal Gemma 3 (CI)")
     ap.add_argument("--model", default="medgemma-4b", help="architecture in configs/models (medgemma-4b, medgemma-27b)")
     ap.add_argument("--embeddings", choices=["new_tokens", "frozen"], default="new_tokens")
-    ap.add_argument("--new-tokens", type=int, default=SPEC_VOCAB - GEMMA3_TOKENS, help="tokens added to the vocabulary")
+    ap.add_argument("--new-tokens", type=int, default=EXTENDED_VOCAB - GEMMA3_TOKENS, help="tokens added to the vocabulary")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=2, help="sequences per micro-batch")
     ap.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -349,7 +339,7 @@ def format_table(args, model: str, vocab_rows: int, flops: dict, results: list[d
             lines.append(f"{name:8s} failed: {r['error']}")
             continue
         ok[r["side"]] = r
-        mfu = f"{100 * flops['total'] * processed / r['train_seconds'] / peak:6.2f}%" if peak else "n/a"
+        mfu = f"{100 * side_mfu(flops, processed, r['train_seconds'], peak):6.2f}%" if peak else "n/a"
         mem = r.get("peak_cuda_gib", r["peak_rss_gib"])
         lines.append(f"{name:8s} {r['tokens_per_sec']:10.1f} {r['train_seconds']:8.1f} {mfu:>7s} {mem:12.2f} "
                      f"{r['trainable_params']:12,d} {r['process_seconds']:9.1f}  "

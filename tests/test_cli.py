@@ -37,7 +37,7 @@ def test_device_cuda_n_narrows_visibility_for_one_process_and_is_refused_under_a
     import pytest
 
     from korcpt.errors import TrainingError
-    from korcpt.train.loop import visible_devices_for
+    from korcpt.train.distributed import visible_devices_for
 
     assert visible_devices_for("cuda:1", {}) == "1"
     assert visible_devices_for("cuda:1", {"CUDA_VISIBLE_DEVICES": "2,3"}) == "3"  # SLURM set it

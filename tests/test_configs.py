@@ -65,7 +65,7 @@ def test_accelerate_config(path):
                                                  "deepspeed_multinode_launcher"}
         ds = json.loads(ds_file.read_text())
         assert data["deepspeed_config"]["zero3_init_flag"] == (ds["zero_optimization"]["stage"] == 3)
-        # precision follows the run's model.dtype (korcpt.train.loop.deepspeed_precision), not the file
+        # precision follows the run's model.dtype (korcpt.train.distributed.deepspeed_precision), not the file
         assert ds["bf16"]["enabled"] == "auto"
         assert "mixed_precision" not in data or data["mixed_precision"] == ("no" if data["use_cpu"] else "bf16")
 

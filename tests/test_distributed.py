@@ -97,7 +97,7 @@ def test_one_process_ddp_zero2_zero3_agree(tmp_path, request, pretrained_tiny, e
     for mode in ("ddp", "zero2", "zero3"):
         assert info[mode]["world_size"] == 2
         # fails once Accelerate records the ranks of a CPU DeepSpeed run itself: then delete
-        # korcpt.train.loop._record_cpu_deepspeed_ranks
+        # korcpt.train.distributed._record_cpu_deepspeed_ranks
         assert info[mode]["workarounds"] == ([] if mode == "ddp" else ["accelerate_cpu_deepspeed_ranks"]), mode
         losses = [x["loss"] for x in info[mode]["losses"]]
         assert losses == pytest.approx(ref, rel=1e-5), mode

@@ -26,7 +26,7 @@ from tinyrun import ROOT, run_config
 # DeepSpeed file, and this machine as the rendezvous host.
 TWO_NODES = ROOT / "configs/accelerate/zero3_2nodes.yaml"
 # What `accelerate launch` hands its ranks under DeepSpeed, for a rank started by plain torchrun
-# (korcpt.train.loop.build_accelerator reads ACCELERATE_USE_DEEPSPEED; Accelerate the rest).
+# (korcpt.train.distributed.build_accelerator reads ACCELERATE_USE_DEEPSPEED; Accelerate the rest).
 DEEPSPEED_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
                  "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "configs/deepspeed/cpu_zero3.json")}
 TIMEOUT = 600

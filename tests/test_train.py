@@ -320,7 +320,7 @@ def test_the_schedule_is_transformers_cosine_and_staging_holds_lora_at_zero(tmp_
 
     from korcpt.model.load import load_model_and_tokenizer
     from korcpt.model.lora import apply_lora
-    from korcpt.train.loop import build_optimizer, lr_multiplier
+    from korcpt.train.optim import build_optimizer, lr_multiplier
 
     tok, shards = extended_tiny
     cfg = load_config(run_config(tmp_path / "staged.yaml", tok, shards, tmp_path / "out",

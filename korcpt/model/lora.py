@@ -6,9 +6,10 @@ Embedding modes:
                 parameter (:class:`NewTokenRows`) that the input embedding and, since Gemma ties them,
                 the output head both read, so original rows stay bit-identical and no [vocab, hidden]
                 gradient or optimizer state is ever allocated. PEFT's own ``trainable_token_indices``
-                gathers rows on a hard-coded CUDA device under ZeRO-3 and fails on CPU ZeRO-3; this
-                module works under every ZeRO stage (the head registers the shared parameter with
-                DeepSpeed as an external parameter).
+                gathers rows on a hard-coded CUDA device under ZeRO-3 and fails on CPU ZeRO-3 (seen
+                with peft 0.21: "only CUDA is implemented" in peft/tuners/trainable_tokens/layer.py,
+                from huggingface/peft#2605); this module works under every ZeRO stage (the head
+                registers the shared parameter with DeepSpeed as an external parameter).
     full        the whole input embedding trains; Gemma's head is the same tensor, so it stays tied and
                 is saved once (PEFT ``modules_to_save`` on both would untie them).
 

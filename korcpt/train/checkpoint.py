@@ -19,8 +19,6 @@ import hashlib
 import json
 import re
 import shutil
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,10 +39,6 @@ _WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_FILE = "trainer_state.json"
 BEST_DIR, BEST_FILE = "best", "best.json"  # checkpoints/best: the best adapter and its evaluation
-NODE_MARKS = ".korcpt-nodes"  # output.dir/.korcpt-nodes/<nonce>/: the shared-directory check's markers
-# How long a node looks for the other nodes' markers: network filesystems may show a file created on
-# another node a moment later; node-local disks never show it, and the refusal waits this long.
-SHARED_WAIT_S = 5.0
 
 
 @dataclass
@@ -112,80 +106,6 @@ def check_resumable(path: Path, payload: dict, expected_order: dict, world_size:
         raise TrainingError(f"cannot resume from {path}: its DeepSpeed ZeRO partitions are for world size "
                             f"{payload.get('world_size')}, expected {world_size}; resume with {payload.get('world_size')} "
                             "processes")
-
-
-def check_shared_output(accelerator, out_dir: str | Path) -> None:
-    """Refuse, in one line, an ``out_dir`` that the nodes of a multi-node run do not share (all ranks call).
-
-    A checkpoint is one ``.tmp-`` folder that every rank writes into and rank 0 renames when all have
-    finished (:func:`save_checkpoint`). On node-local disks rank 0 would rename a folder without the
-    other nodes' ZeRO partitions and RNG states, and theirs would stay in a ``.tmp-`` folder nobody
-    renames: a checkpoint that cannot be resumed. So the first process of each node writes a marker
-    named after its rank into ``out_dir/.korcpt-nodes/<nonce>/`` (the nonce comes from rank 0, so an
-    earlier run's markers never count), and after a barrier looks for every node's marker by name.
-    One node or one process: nothing to check.
-
-    Raises:
-        TrainingError: some node does not see another node's marker, or cannot write its own.
-    """
-    import torch.distributed as dist
-
-    world = accelerator.num_processes
-    if world < 2 or not dist.is_initialized():
-        return
-    nonce = [uuid.uuid4().hex if accelerator.is_main_process else None]
-    dist.broadcast_object_list(nonce, src=0)
-    marks = Path(out_dir) / NODE_MARKS / nonce[0]
-    writer = accelerator.local_process_index == 0
-    failed = _write_mark(marks, accelerator.process_index) if writer else None
-    firsts = [None] * world
-    dist.all_gather_object(firsts, accelerator.process_index if writer else None)  # every marker is written
-    nodes = [r for r in firsts if r is not None]
-    missing = _missing_marks(marks, nodes) if writer and failed is None else []
-    seen = [None] * world
-    dist.all_gather_object(seen, (accelerator.process_index, failed, missing))  # every node has looked
-    if writer and failed is None:
-        (marks / _mark_name(accelerator.process_index)).unlink(missing_ok=True)
-    dist.barrier()
-    if writer:  # each node cleans up what it sees (on a shared directory the first rmdir wins)
-        for path in (marks, marks.parent):
-            try:
-                path.rmdir()
-            except OSError:
-                pass
-    where = f"output.dir {Path(out_dir).resolve()} (as rank {accelerator.process_index} sees it)"
-    for rank, error, absent in (s for s in seen if s[1] or s[2]):
-        node = nodes.index(rank)
-        problem = (f"node {node} cannot write its marker there ({error})" if error else
-                   f"node {node} (first rank {rank}) does not see the marker(s) of node(s) "
-                   f"{', '.join(str(nodes.index(r)) for r in absent)} in {NODE_MARKS}/ after {SHARED_WAIT_S:g} s")
-        raise TrainingError(f"{where} is not one directory shared by the {len(nodes)} nodes of this run: "
-                            f"{problem}; put output.dir on a filesystem that every node mounts at the same "
-                            "path (every rank writes its part of each checkpoint there)")
-
-
-def _mark_name(rank: int) -> str:
-    return f"rank{rank:05d}"
-
-
-def _write_mark(marks: Path, rank: int) -> str | None:
-    """Write this node's marker; the reason it could not, or None."""
-    try:
-        marks.mkdir(parents=True, exist_ok=True)
-        (marks / _mark_name(rank)).touch()
-    except OSError as exc:  # reported through the collective: a rank that raised here would hang the others
-        return exc.strerror or type(exc).__name__
-    return None
-
-
-def _missing_marks(marks: Path, nodes: list[int]) -> list[int]:
-    """The nodes (by first rank) whose marker this node cannot see, looked up by name until SHARED_WAIT_S."""
-    deadline = time.monotonic() + SHARED_WAIT_S
-    while True:
-        missing = [r for r in nodes if not (marks / _mark_name(r)).exists()]
-        if not missing or time.monotonic() > deadline:
-            return missing
-        time.sleep(0.25)
 
 
 def checkpoint_name(step: int) -> str:

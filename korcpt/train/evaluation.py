@@ -134,8 +134,9 @@ class Evaluator:
 
 
 class EarlyStopper:
-    """The spec's stop rule over validation results: validation loss not better by ``eval.min_delta``
-    for ``eval.patience`` evaluations, or perplexity at or below ``eval.target_ppl`` (0: off)."""
+    """The stop rule of train_raw_korean_text.md ("3. Validation", stop conditions) over validation
+    results: validation loss not better by ``eval.min_delta`` for ``eval.patience`` evaluations, or
+    perplexity at or below ``eval.target_ppl`` (0: off)."""
 
     def __init__(self, ecfg: EvalConfig, state):
         self.ecfg, self.state = ecfg, state

@@ -56,10 +56,12 @@ class RunRecord:
     the sample log still shows what a killed attempt trained.
     """
 
-    def __init__(self, cfg: RunConfig, accelerator, total_steps: int, start_step: int, flops_per_token: float):
+    def __init__(self, cfg: RunConfig, accelerator, total_steps: int, start_step: int, flops_per_token: float,
+                 tokens_per_step: int):
         out_dir = Path(cfg.output.dir)
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
         self.log_steps, self.flops_per_token = cfg.train.log_steps, flops_per_token
+        self.tokens_per_step = tokens_per_step  # processed (input) tokens of an optimizer step, all ranks
         self.peak = peak_tflops(cfg.train.peak_tflops)
         if self.main:  # the resolved config beside the outputs, and in TensorBoard
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ class RunRecord:
             per_device = result.tokens / result.seconds / self.world
             self.tensorboard.scalars(step, {
                 "train/tokens_per_sec_per_device": per_device,
-                "train/mfu": mfu(per_device, self.flops_per_token, self.peak),
+                "train/mfu": mfu(self.tokens_per_step / self.world / result.seconds, self.flops_per_token, self.peak),
                 "train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                 "train/tokens_per_sec": result.tokens / result.seconds, "train/tokens_seen": state.tokens_seen,
             })
@@ -118,6 +120,12 @@ class RunRecord:
         """``[{"step", "loss"}]`` of every optimizer step (rank 0; empty elsewhere)."""
         newest = self._newest(("train",))
         return [{"step": step, "loss": newest[kind, step]["loss"]} for kind, step in sorted(newest)]
+
+    def processed_per_device(self, state) -> float:
+        """Processed tokens per second of one device over the run's optimizer steps, skipped ones
+        included (they did the work, and their time is in ``state.train_seconds``): MFU's rate."""
+        steps = state.step + state.bad_steps_total
+        return steps * self.tokens_per_step / self.world / state.train_seconds if state.train_seconds else 0.0
 
     def close(self) -> None:
         self.bar.close()
@@ -183,23 +191,6 @@ def peak_tflops(configured: float) -> float | None:
 
 
 def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s of one device over its peak (None without a peak)."""
+    """Model FLOPs utilisation: achieved model FLOP/s of one device over its peak (None without a peak):
+    processed tokens per second times :func:`korcpt.model.flops.lora_flops_per_token`'s count."""
     return tokens_per_sec_per_device * flops_per_token / (peak * 1e12) if peak else None
-
-
-def model_flops_per_token(model, trainable_params: int, seq_len: int) -> float:
-    """Model FLOPs per trained token of a LoRA run (recomputation by checkpointing not counted).
-
-    Convention: N = parameters the text forward multiplies with (the decoder, whose tied embedding
-    is the output head; the vision tower is excluded). Forward 2N, backward input-gradients 2N, weight
-    gradients only for what trains, 2 * trainable (a frozen base gets none), plus attention scores and
-    values 12 * layers * hidden * seq_len (PaLM's term: 4 forward, 8 backward, no causal halving).
-    """
-    from korcpt.model.lora import unwrap_base
-
-    base = unwrap_base(model)
-    decoder = base.get_decoder()
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in decoder.parameters())
-    text = base.config.get_text_config()
-    attention = 12 * text.num_hidden_layers * text.num_attention_heads * text.head_dim * seq_len
-    return 4.0 * n + 2.0 * trainable_params + attention

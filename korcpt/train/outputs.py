@@ -1,4 +1,5 @@
-"""The run's outputs in the spec's layout: adapter (PEFT format), tokenizer/, training_info.json.
+"""The run's outputs in the layout of train_raw_korean_text.md ("Output"): adapter (PEFT format),
+tokenizer/, training_info.json.
 
 Under DeepSpeed ZeRO-3 every parameter is partitioned across ranks; saving without gathering is how
 public reports end up with empty or zero-shaped adapters. Only the trainable parameters are gathered
@@ -201,6 +202,7 @@ def training_info(cfg: RunConfig, state, last: dict, best_record: dict | None, r
         "new_tokens": new_tokens,
         "flops_per_token": record.flops_per_token,
         "tokens_per_sec_per_device": per_device,
+        "processed_tokens_per_sec_per_device": record.processed_per_device(state),
         "peak_tflops": record.peak,
-        "mfu": mfu(per_device, record.flops_per_token, record.peak),
+        "mfu": mfu(record.processed_per_device(state), record.flops_per_token, record.peak),
     }

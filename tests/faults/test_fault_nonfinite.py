@@ -1,7 +1,7 @@
 """Non-finite loss or gradient: the optimizer step is skipped and counted; after ``train.max_bad_steps``
 consecutive ones training stops with a clear ``stop_reason`` and the last good weights are kept.
 
-The fault is injected by wrapping ``korcpt.train.loop.nll_sum`` (one call per micro-batch): either the
+The fault is injected by wrapping ``korcpt.train.step.nll_sum`` (one call per micro-batch): either the
 loss itself becomes NaN/inf, or the loss stays finite and only its gradient is NaN (an identity whose
 backward returns NaN), which only the gradient-norm check can see.
 """
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import korcpt.train.loop as loop
+import korcpt.train.step as step
 from korcpt.config import load_config
 from korcpt.train import checkpoint as ckpt
 from tinyrun import run_config
@@ -36,7 +37,7 @@ class _NaNGrad(torch.autograd.Function):
 
 def _inject(monkeypatch, bad_attempts: set[int], mode: str) -> dict:
     """Corrupt every micro-batch of the given optimizer-step attempts (0-based, skipped ones included)."""
-    real = loop.nll_sum
+    real = step.nll_sum
     seen = {"micro": 0, "corrupted": 0}
 
     def nll_sum(*args, **kwargs):
@@ -53,7 +54,7 @@ def _inject(monkeypatch, bad_attempts: set[int], mode: str) -> dict:
                 nll = _NaNGrad.apply(nll)
         return nll, n
 
-    monkeypatch.setattr(loop, "nll_sum", nll_sum)
+    monkeypatch.setattr(step, "nll_sum", nll_sum)
     return seen
 
 
