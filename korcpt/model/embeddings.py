@@ -39,6 +39,13 @@ from korcpt.log import get_logger
 log = get_logger(__name__)
 
 ROWS_FILE = "rows.safetensors"
+VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of this (GPU-friendly matrix shapes)
+
+
+def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: the embedding rows a vocabulary of ``n`` gets."""
+    multiple = max(multiple, 1)
+    return -(-n // multiple) * multiple
 
 
 def new_token_ids(base_vocab_size: int, tokenizer) -> list[int]:
@@ -90,7 +97,7 @@ def _init_rows(weight: torch.Tensor, pieces: dict[int, list[int]], pad_ids: rang
         weight[pad_ids.start : pad_ids.stop] = mean_all.to(weight.dtype)
 
 
-def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_multiple_of: int = 64) -> list[int]:
+def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_multiple_of: int = VOCAB_MULTIPLE) -> list[int]:
     """Grow ``model``'s vocabulary to fit ``new_tokenizer`` and initialise the new rows (see module doc).
 
     Args:
@@ -121,8 +128,7 @@ def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_mult
     if old_rows < base_size:
         raise ModelError(f"model has {old_rows} embedding rows, fewer than the base tokenizer's {base_size} tokens")
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
-    multiple = max(pad_to_multiple_of, 1)
-    target = max(old_rows, -(-len(new_tokenizer) // multiple) * multiple)
+    target = max(old_rows, padded_vocab(len(new_tokenizer), pad_to_multiple_of))
     if target > old_rows:
         model.resize_token_embeddings(target, mean_resizing=False)
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

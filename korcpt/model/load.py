@@ -18,11 +18,9 @@ from korcpt.config import ModelConfig
 from korcpt.errors import ModelError
 from korcpt.log import get_logger
 from korcpt import assets
-from korcpt.model.embeddings import apply_new_rows, resize_and_init_embeddings
+from korcpt.model.embeddings import VOCAB_MULTIPLE, apply_new_rows, padded_vocab, resize_and_init_embeddings
 
 log = get_logger(__name__)
-
-VOCAB_MULTIPLE = 64
 
 
 def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -38,10 +36,6 @@ def run_tokenizer(mcfg: ModelConfig):
     if mcfg.random_init and not mcfg.tokenizer:
         raise ModelError("model.random_init needs model.tokenizer (the vocabulary size comes from it)")
     return assets.load_tokenizer(name, trust_remote_code=mcfg.trust_remote_code)
-
-
-def padded_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    return -(-n // multiple) * multiple
 
 
 def read_arch_config(name: str) -> dict[str, Any]:

@@ -39,7 +39,8 @@ import yaml
 
 from korcpt.config import RunConfig
 from korcpt.errors import ConfigError
-from korcpt.model.load import arch_config, build_meta_model, padded_vocab, read_arch_config
+from korcpt.model.embeddings import padded_vocab
+from korcpt.model.load import arch_config, build_meta_model, read_arch_config
 from korcpt.model.lora import lora_targets
 
 GIB = 2**30
