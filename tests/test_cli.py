@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pytest
 import torch.distributed as dist
 
 from korcpt.cli import EXIT_USER_ERROR, run_tool
@@ -65,3 +70,43 @@ def test_train_with_a_cuda_device_and_no_gpu_is_one_line(tmp_path, tiny_data):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: model.device cuda:0: no CUDA device is available here"
+
+
+@dataclasses.dataclass
+class _Options:
+    """Options of a tool under test."""
+
+    out_dir: Path
+    """Where the result goes."""
+    mode: Literal["fast", "exact"] = "fast"
+    """How to run: 100% fast or exact."""
+    corpus: Path | None = None
+    """An optional input."""
+    terms: tuple[Path, ...] = ()
+    """Term files."""
+    verify: bool = True
+    """Check every file."""
+    strict: bool = False
+    """Stop at the first problem."""
+    steps: int = 3
+    """Steps to run."""
+
+
+def test_options_are_built_from_the_dataclass_and_back():
+    import argparse
+
+    from korcpt.cli import add_options, from_args
+
+    ap = argparse.ArgumentParser()
+    add_options(ap, _Options, "out_dir", "mode", "corpus", "terms", "verify", "strict", "steps",
+                out_dir={"flag": "--out"})
+    args = ap.parse_args(["--out", "o", "--mode", "exact", "--corpus", "c", "--terms", "a", "b", "--no-verify",
+                          "--strict", "--steps", "5"])
+    assert from_args(_Options, args) == _Options(Path("o"), "exact", Path("c"), (Path("a"), Path("b")), False, True, 5)
+    assert from_args(_Options, ap.parse_args(["--out", "o"])) == _Options(Path("o"))
+    helps = {a.dest: a.help for a in ap._actions}
+    assert helps["mode"] == "How to run: 100%% fast or exact. (default: %(default)s)"  # % escaped for argparse
+    assert helps["verify"] == "turn off: Check every file." and helps["strict"] == "Stop at the first problem."
+    for argv in (["--mode", "exact"], ["--out", "o", "--mode", "slow"], ["--out", "o", "--steps", "x"]):
+        with pytest.raises(SystemExit):  # --out is required, mode a choice, steps an integer
+            ap.parse_args(argv)

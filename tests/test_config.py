@@ -1,5 +1,6 @@
 """The config system rejects unknown keys, wrong types and bad values by name, and applies overrides."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,3 +110,24 @@ def test_resolved_config_round_trips(tmp_path, shards):
     again = load_config(tmp_path / "resolved.yaml")
     assert again.to_dict() == cfg.to_dict()
     assert isinstance(again, RunConfig)
+
+
+def test_every_field_is_documented_and_every_declared_range_is_checked():
+    from korcpt.config import _SECTION_TYPES, field_docs, validate
+
+    checked = 0
+    for section, cls in _SECTION_TYPES.items():
+        fields = dataclasses.fields(cls)
+        docs = field_docs(cls)
+        assert set(docs) == {f.name for f in fields} and all(docs.values()), section  # the tools' --help
+        for f in fields:
+            bounds = f.metadata.get("bounds")
+            if bounds is None:
+                continue
+            cfg = RunConfig()
+            cfg.data.shards = "x"
+            # just outside the range: below ge, or at gt (1 for eval.target_ppl, which allows 0 or > 1)
+            setattr(getattr(cfg, section), f.name, bounds.ge - 1 if bounds.ge is not None else bounds.gt)
+            assert [m for m in validate(cfg, check_files=False) if m.startswith(f"{section}.{f.name} must be ")]
+            checked += 1
+    assert checked == 33
