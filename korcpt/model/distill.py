@@ -88,7 +88,9 @@ class DistillOptions:
     output: str = "ntp"
     """How the output rows are made: tied, mean, piece_fit or ntp (see the module doc); ntp measured best."""
     output_steps: int = 100
-    """Optimizer steps of the ntp output rows (full batch over the cached hidden states)."""
+    """Optimizer steps of the ntp output rows over the cached hidden states."""
+    output_batch: int = 0
+    """Positions per ntp step, drawn anew each step (0: every position, the full batch)."""
     output_pull: float = 1e-2
     """Pull of the ntp output rows toward the mean of their pieces (squared distance summed over rows)."""
     output_positions: int = 32768
@@ -302,7 +304,8 @@ def cost(model, windows: list[Window], held_out: list[Window], fit: list[Window]
     vocab, hidden = int(getattr(head, "ds_shape", head.shape)[0]), int(getattr(head, "ds_shape", head.shape)[1])
     out_flops = positions * (flops_per_token(model, len(decoder_of(model).layers)) + 2 * vocab * hidden)
     if opts.output == "ntp":
-        out_flops += opts.output_steps * positions * count * hidden * 6
+        per_step = min(opts.output_batch, positions) if opts.output_batch else positions
+        out_flops += opts.output_steps * per_step * count * hidden * 6
     out = {"windows": len(windows), "held_out_windows": len(held_out), "teacher_tokens": teacher,
            "student_tokens": student, "held_out_tokens": held, "output_positions": positions,
            "tokens_read": opts.epochs * (teacher + student) + 2 * held + positions,
@@ -402,20 +405,24 @@ def ntp_rows(model, windows: list[Window], init: torch.Tensor, first: int, pad: 
     rows = init.clone().requires_grad_(True)
     optim = torch.optim.Adam([rows], lr=opts.lr)
     new_index = (targets - first).clamp(0, len(init) - 1)
+    everything = torch.arange(len(h), device=h.device)
+    draw = torch.Generator().manual_seed(opts.seed)
 
-    def nll() -> torch.Tensor:
-        logits = h @ rows.T
-        logz = torch.logaddexp(logz_base, torch.logsumexp(logits, -1))
-        target = torch.where(is_new, logits.gather(1, new_index[:, None])[:, 0], base_logit)
+    def nll(at: torch.Tensor = everything) -> torch.Tensor:
+        logits = h[at] @ rows.T
+        logz = torch.logaddexp(logz_base[at], torch.logsumexp(logits, -1))
+        target = torch.where(is_new[at], logits.gather(1, new_index[at, None])[:, 0], base_logit[at])
         return (logz - target).mean()
 
     with torch.no_grad():
         before = float(nll())
     for _ in progress(range(opts.output_steps), desc="output rows", unit="step"):
         optim.zero_grad()
+        at = (torch.randperm(len(h), generator=draw)[:opts.output_batch].to(h.device)
+              if 0 < opts.output_batch < len(h) else everything)
         # the pull keeps rows of tokens seen a few times near their start: without it they overfit the
         # windows (held-out bpc worse than the mean rows', bench/README.md)
-        loss = nll() + opts.output_pull * (rows - init).pow(2).sum()
+        loss = nll(at) + opts.output_pull * (rows - init).pow(2).sum()
         loss.backward()
         optim.step()
     with torch.no_grad():
