@@ -1,5 +1,5 @@
 """The package layout follows the data flow: a stage imports only earlier stages and the shared
-modules below them (config, errors, log, assets, cli, files), never a later one. Read from the source, so an
+modules below them (config, errors, log, assets, cli, files, labels), never a later one. Read from the source, so an
 import inside a function counts as much as one at the top."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tinyrun import ROOT
 
 # corpus -> shards -> vocab -> model -> eval -> train (the loop evaluates: eval comes before it)
 STAGES = ("corpus", "shards", "vocab", "model", "eval", "train")
-SHARED = ("config", "errors", "log", "assets", "cli", "files")
+SHARED = ("config", "errors", "log", "assets", "cli", "files", "labels")
 
 
 def korcpt_imports(path: Path) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 
 from korcpt.corpus.text import hangul_syllables
 from korcpt.log import get_logger
-from korcpt.model.loss import token_nll_per_position
+from korcpt.model.loss import IGNORE_INDEX, token_nll_per_position
 
 log = get_logger(__name__)
 
@@ -156,8 +156,6 @@ def read_heldout_texts(path: Path) -> tuple[list[str], list[str]]:
 def target_chars(tokenizer, labels: torch.Tensor) -> torch.Tensor:
     """The characters each row of ``labels`` covers: its target tokens decoded without special tokens
     (``<bos>``/``<eos>`` cover no text), as :func:`score_text` counts ``len(text)`` for a document."""
-    from korcpt.shards.reader import IGNORE_INDEX
-
     rows = [[int(t) for t in row if t != IGNORE_INDEX] for row in labels.tolist()]
     return torch.tensor([len(tokenizer.decode(r, skip_special_tokens=True)) for r in rows], dtype=torch.long)
 
@@ -196,7 +194,6 @@ def score_text(model, tokenizer, texts: Sequence[str], *, batch_size: int = 4) -
 def _text_batches(tokenizer, texts: Sequence[str], batch_size: int) -> Iterable[dict]:
     """Right-padded batches of whole documents (positions count from 0, the model's default), with
     ``target_chars`` = ``len(text)`` so that :func:`evaluate_perplexity` adds bits per character."""
-    from korcpt.shards.reader import IGNORE_INDEX
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(texts), batch_size):

@@ -2,7 +2,8 @@
 negative log-likelihoods, and the output-head loss in chunks.
 
 Labels are already aligned: ``labels[b, t]`` is the target of position ``t`` (the shard reader
-shifts them), :data:`IGNORE_INDEX` marks positions without a target, and nothing here shifts again.
+shifts them), :data:`IGNORE_INDEX` (defined in :mod:`korcpt.labels`, below the stages, so that the
+reader can write it) marks positions without a target, and nothing here shifts again.
 
 Gemma 3's vocabulary is 262,144 (282,738 after the Korean extension): the plain loss of one 4,096-token
 micro-batch holds float32 logits of 4 GiB, their softmax and its gradient, several times what the
@@ -19,9 +20,9 @@ from typing import Literal, Mapping
 import torch
 import torch.nn.functional as F
 
+from korcpt.labels import IGNORE_INDEX
 from korcpt.model.load import is_multimodal
 from korcpt.model.lora import NewTokenHead, unwrap_base
-from korcpt.shards.reader import IGNORE_INDEX
 
 # Batch keys that are model inputs; anything else a batch carries (labels, sample_id, token_source) is not.
 # The cu_seq_lens/max_length keys are FlashAttention varlen document boundaries (korcpt.model.packing).

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from korcpt.errors import DataError
+from korcpt.labels import IGNORE_INDEX
 from korcpt.shards.format import (
     DTYPES,
     IDX_IS_START,
@@ -42,8 +43,6 @@ from korcpt.shards.format import (
 )
 from korcpt.shards.order import permute
 from korcpt.shards.source import ShardSource, SourceStream
-
-IGNORE_INDEX = -100
 
 
 def make_sample(window: np.ndarray, starts: np.ndarray, sample_id: int) -> dict[str, torch.Tensor]:

@@ -16,8 +16,7 @@ from typing import Iterator
 import torch
 
 from korcpt.config import RunConfig
-from korcpt.model.loss import FinalHidden, model_batch, nll_sum
-from korcpt.shards.reader import IGNORE_INDEX
+from korcpt.model.loss import IGNORE_INDEX, FinalHidden, model_batch, nll_sum
 
 
 @dataclass
