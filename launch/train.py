@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from korcpt.cli import run_tool  # noqa: E402
+from korcpt.cli import add_options, run_tool  # noqa: E402
+from korcpt.config import SHORTHANDS, RunConfig, field_docs  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,11 +24,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--config", required=True, help="run config YAML (see configs/)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one config value, e.g. --set train.lr=1e-4 (repeatable; applied last)")
-    ap.add_argument("--model", help="shorthand for --set model.name=... (preset, directory, hub id or .gguf)")
-    ap.add_argument("--tokenizer-path", help="shorthand for --set model.tokenizer=... (e.g. an extended tokenizer)")
-    ap.add_argument("--max-samples", type=int, help="shorthand for --set train.max_samples=... (documents: the first N of the shuffled corpus)")
-    ap.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=...")
-    ap.add_argument("--device", help="shorthand for --set model.device=... (cpu, cuda, cuda:0)")
+    for name, key in SHORTHANDS.items():  # --model, --tokenizer-path, ...: typed and documented by their field
+        section, field = key.split(".")
+        cls = typing.get_type_hints(RunConfig)[section]
+        add_options(ap, cls, field, **{field: {"flag": f"--{name.replace('_', '-')}", "dest": name, "default": None,
+                                               "help": f"shorthand for --set {key}=...: " + field_docs(cls)[field]
+                                               .replace("%", "%%")}})
     ap.add_argument("--resume", default="", metavar="auto|PATH",
                     help="continue from the newest complete checkpoint in output.dir (auto) or from PATH")
     return ap.parse_args(argv)
@@ -36,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from korcpt.config import apply_shorthands, load_config
 
-    overrides = apply_shorthands(args.set, model=args.model, tokenizer_path=args.tokenizer_path,
-                                 max_samples=args.max_samples, epochs=args.epochs, device=args.device)
+    overrides = apply_shorthands(args.set, **{name: getattr(args, name) for name in SHORTHANDS})
     cfg = load_config(args.config, overrides)
     from korcpt.train.loop import train
 
