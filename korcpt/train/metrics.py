@@ -76,7 +76,7 @@ class RunRecord:
         self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
 
     def train_step(self, state, result, lr: float) -> None:
-        """One good optimizer step (a :class:`korcpt.train.loop.StepResult`, counted in ``state``) at
+        """One good optimizer step (a :class:`korcpt.train.step.StepResult`, counted in ``state``) at
         learning rate ``lr``."""
         step = state.step
         self._write(self.samples, {"step": step, "ids": result.sample_ids})
