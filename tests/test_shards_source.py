@@ -63,13 +63,14 @@ def test_webdataset_entries_are_checked_when_the_manifest_is_parsed():
 
 def test_both_sources_and_streams_implement_the_protocol(built):
     """ShardSet/TarShards are ShardSources, their streams SourceStreams with the same position checks;
-    the training stream and the epoch's size come from the source, whichever it is."""
-    from korcpt.shards.reader import SequenceStream, open_shards
-    from korcpt.shards.source import ShardSource, SourceStream
-    from korcpt.shards.wds import WebDatasetStream, open_webdataset
+    the training stream and the epoch's size come from the source, whichever open_source opened."""
+    from korcpt.shards.reader import SequenceStream, ShardSet
+    from korcpt.shards.source import ShardSource, SourceStream, open_source
+    from korcpt.shards.wds import TarShards, WebDatasetStream
 
     directory = built
-    mm, tars = open_shards(directory, "train", verify=False), open_webdataset(f"file:{directory}", "train")
+    mm, tars = open_source(str(directory), "train", verify=False), open_source(f"file:{directory}", "train")
+    assert [type(mm), type(tars)] == [ShardSet, TarShards]
     assert isinstance(mm, ShardSource) and isinstance(tars, ShardSource)
     assert len(mm) == len(tars) == mm.num_sequences == tars.num_sequences > 0
     assert [mm.first_sequence(k) for k in range(len(mm.entries))] == [e["first_sequence"] for e in tars.entries]
@@ -96,3 +97,18 @@ def test_both_sources_and_streams_implement_the_protocol(built):
             stream.advance(stream.epoch_length)
     with pytest.raises(ValueError, match="expected 0 <= rank < world_size"):
         SequenceStream(mm, seed=0, rank=2, world_size=2)
+
+
+def test_a_split_without_shards_opens_empty(tmp_path, tiny_data):
+    """A directory built without validation: its val split opens with no sequences (the trainer then
+    has no validation source), from the directory and from its tars alike."""
+    from korcpt.shards.source import open_source
+    from korcpt.shards.writer import ShardOptions, write_shards
+    from tinyrun import synthetic_corpus
+
+    write_shards(synthetic_corpus(tmp_path / "corpus.jsonl", n_docs=40), tmp_path / "out",
+                 ShardOptions(tokenizer=str(tiny_data[0]), seq_len=64, val_fraction=0.0, shard_tokens=4096, seed=1,
+                              workers=1, webdataset=True))
+    for value in (str(tmp_path / "out"), f"file:{tmp_path / 'out'}"):
+        train, val = open_source(value, "train"), open_source(value, "val")
+        assert (train.num_sequences > 0, val.num_sequences, len(val), val.entries) == (True, 0, 0, []), value

@@ -180,4 +180,20 @@ class SourceStream(IterableDataset):
         raise NotImplementedError
 
 
-__all__ = ["ShardSource", "SourceStream"]
+def open_source(value: str, split: str, *, tokenizer_fingerprint: str | None = None, verify: bool = True,
+                manifest: dict | None = None) -> ShardSource:
+    """One split of ``data.shards``, checked against the run's tokenizer: webdataset tars when it names
+    them (:func:`korcpt.config.stream_source`: a URL or a ``.tar`` pattern), else the memory-mapped
+    shard directory. ``manifest``: the one already read for the other split (tars are not fetched twice)."""
+    from korcpt.config import stream_source
+
+    if stream_source(value):
+        from korcpt.shards.wds import open_webdataset
+
+        return open_webdataset(value, split, tokenizer_fingerprint=tokenizer_fingerprint, verify=verify, manifest=manifest)
+    from korcpt.shards.reader import open_shards
+
+    return open_shards(value, split, tokenizer_fingerprint=tokenizer_fingerprint, verify=verify)
+
+
+__all__ = ["ShardSource", "SourceStream", "open_source"]

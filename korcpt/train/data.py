@@ -18,26 +18,16 @@ log = get_logger(__name__)
 
 
 def open_data(cfg: RunConfig, tokenizer):
-    """Train and validation shard sets, checked against the run's tokenizer: memory-mapped from a shard
-    directory, or webdataset tars (:class:`korcpt.shards.wds.TarShards`) when ``data.shards`` is a URL."""
-    from korcpt.config import stream_source
-    from korcpt.shards.reader import open_shards
+    """Train and validation sources (:func:`korcpt.shards.source.open_source`), checked against the run's
+    tokenizer; no validation source when the split has no sequences."""
     from korcpt.shards.format import tokenizer_fingerprint
+    from korcpt.shards.source import open_source
 
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    if stream_source(cfg.data.shards):
-        from korcpt.shards.wds import open_webdataset
-
-        train_set = open_webdataset(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint,
-                                    verify=cfg.data.verify_checksums)
-        val_set = open_webdataset(cfg.data.shards, "val", verify=cfg.data.verify_checksums, manifest=train_set.manifest)
-        return train_set, (val_set if val_set.num_sequences else None)
-    train_set = open_shards(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint,
-                            verify=cfg.data.verify_checksums)
-    val_set = None
-    if any(s["split"] == "val" for s in train_set.manifest["shards"]):
-        val_set = open_shards(cfg.data.shards, "val", tokenizer_fingerprint=fingerprint, verify=cfg.data.verify_checksums)
-    return train_set, val_set
+    fingerprint, verify = tokenizer_fingerprint(tokenizer), cfg.data.verify_checksums
+    train_set = open_source(cfg.data.shards, "train", tokenizer_fingerprint=fingerprint, verify=verify)
+    val_set = open_source(cfg.data.shards, "val", tokenizer_fingerprint=fingerprint, verify=verify,
+                          manifest=train_set.manifest)
+    return train_set, (val_set if val_set.num_sequences else None)
 
 
 def plan_steps(cfg: RunConfig, sequences_per_epoch: int, world: int, epochs: int = 0) -> int:
