@@ -52,6 +52,7 @@ from korcpt.errors import DataError, ModelError
 from korcpt.log import get_logger, progress
 from korcpt.model.embeddings import piece_ids, write_rows
 from korcpt.model.lora import NewTokenRows, module_name, replace_module
+from korcpt.model.zero3 import full_shape
 from korcpt.vocab.extend import read_texts
 
 log = get_logger(__name__)
@@ -301,7 +302,7 @@ def cost(model, windows: list[Window], held_out: list[Window], fit: list[Window]
     flops = per_token * (opts.epochs * (teacher + 2 * student) + 2 * held)
     positions = sum(len(w.student) - 1 for w in fit) if opts.output in ("ntp", "piece_fit") else 0
     head = model.get_output_embeddings().weight
-    vocab, hidden = int(getattr(head, "ds_shape", head.shape)[0]), int(getattr(head, "ds_shape", head.shape)[1])
+    vocab, hidden = (int(n) for n in full_shape(head))
     out_flops = positions * (flops_per_token(model, len(decoder_of(model).layers)) + 2 * vocab * hidden)
     if opts.output == "ntp":
         per_step = min(opts.output_batch, positions) if opts.output_batch else positions

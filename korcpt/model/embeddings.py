@@ -25,16 +25,15 @@ then partitions the new, larger parameter like any other.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from korcpt.errors import ModelError
 from korcpt.files import replace_dir, staging_dir
 from korcpt.log import get_logger
+from korcpt.model.zero3 import full_shape, gathered
 
 log = get_logger(__name__)
 
@@ -68,23 +67,8 @@ def piece_ids(base_tokenizer, new_tokenizer, token_id: int) -> list[int]:
     return base_tokenizer.encode(new_tokenizer.decode([token_id]), add_special_tokens=False)
 
 
-@contextlib.contextmanager
-def _gathered(params: list[torch.nn.Parameter]) -> Iterator[bool]:
-    """Full tensors of ``params`` inside the block (gathered under ZeRO-3, rank 0's edits kept);
-    yields whether this process should write them."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield True
-        return
-    import deepspeed
-    import torch.distributed as dist
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
-        yield not dist.is_initialized() or dist.get_rank() == 0
-
-
 def _rows(param: torch.nn.Parameter) -> int:
-    return int(param.ds_shape[0]) if hasattr(param, "ds_shape") else int(param.shape[0])
+    return int(full_shape(param)[0])
 
 
 @torch.no_grad()
@@ -144,7 +128,7 @@ def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_mult
     out = model.get_output_embeddings()
     if out is not None and out.weight is not weights[0]:
         weights.append(out.weight)
-    with _gathered(weights) as writer:
+    with gathered(weights) as writer:
         if writer:
             for weight in weights:
                 _init_rows(weight.data, pieces, pad_ids, base_size)
@@ -201,13 +185,13 @@ def apply_new_rows(model, directory: str | Path, new_ids: list[int]) -> None:
 
     first, inputs, outputs = read_rows(directory)
     emb = model.get_input_embeddings()
-    hidden = int(emb.weight.ds_shape[1]) if hasattr(emb.weight, "ds_shape") else int(emb.weight.shape[1])
+    hidden = int(full_shape(emb.weight)[1])
     expected = (new_ids[0], len(new_ids), hidden) if new_ids else (None, 0, hidden)
     if (first, len(inputs), inputs.shape[1]) != expected or outputs.shape != inputs.shape:
         raise ModelError(f"model.new_rows: {directory} holds {len(inputs)} rows of {inputs.shape[1]} from id {first}; "
                          f"expected {expected[1]} rows of {hidden} from id {expected[0]} "
                          "(rows of another tokenizer or model?)")
-    with _gathered([emb.weight]) as writer:
+    with gathered([emb.weight]) as writer:
         if writer:
             with torch.no_grad():
                 emb.weight[first:first + len(inputs)] = inputs.to(emb.weight.dtype)

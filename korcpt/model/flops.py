@@ -25,6 +25,7 @@ from torch import nn
 
 from korcpt.config import LoraConfig
 from korcpt.model.lora import lora_targets
+from korcpt.model.zero3 import full_shape
 
 
 def lora_flops_per_token(model: nn.Module, lcfg: LoraConfig, seq_len: int, new_rows: int) -> dict[str, float]:
@@ -77,4 +78,4 @@ def trained_head_rows(model: nn.Module, lcfg: LoraConfig, new_ids: list[int]) ->
 
 def _embedding_rows(model: nn.Module) -> int:
     weight = model.get_input_embeddings().weight
-    return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the full shape in ds_shape
+    return int(full_shape(weight)[0])

@@ -34,6 +34,7 @@ from torch import nn
 
 from korcpt.config import LoraConfig
 from korcpt.model.load import is_multimodal
+from korcpt.model.zero3 import full_numel, is_partitioned, register_external
 
 def language_model_linear_names(model: nn.Module) -> list[str]:
     """Names of every linear projection of the language model (vision tower, projector and head excluded)."""
@@ -113,12 +114,7 @@ class NewTokenHead(nn.Module):
         if rows is not None:
             self.rows = nn.Parameter(rows.detach().to(torch.float32, copy=True), requires_grad=False)  # master
             return
-        try:  # ZeRO-3 fetches a module's own parameters only; declare the shared one
-            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-            register_external_parameter(self, rows_owner.rows)
-        except Exception:  # noqa: BLE001 - DeepSpeed absent or not partitioned: nothing to declare
-            pass
+        register_external(self, [rows_owner.rows])  # ZeRO-3 fetches a module's own parameters only
 
     @property
     def tied(self) -> bool:
@@ -164,7 +160,7 @@ def _train_full_embedding_in_fp32(inner: nn.Module, emb: nn.Embedding) -> None:
     """Store the (tied) embedding in float32 and cast it to the model dtype at both points of use:
     the input lookup's output and the output head's weight."""
     weight = emb.weight
-    if weight.dtype == torch.float32 or hasattr(weight, "ds_id"):  # nothing to do, or DeepSpeed's job
+    if weight.dtype == torch.float32 or is_partitioned(weight):  # nothing to do, or DeepSpeed's job
         return
     compute = weight.dtype
     weight.data = weight.data.float()
@@ -271,11 +267,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = getattr(p, "ds_numel", p.numel())
+        n = full_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     # NewTokenRows duplicates rows that already exist (frozen) in the base table: do not count them twice.
     for module in model.modules():
         if isinstance(module, NewTokenRows) or (isinstance(module, NewTokenHead) and not module.tied):
-            total -= getattr(module.rows, "ds_numel", module.rows.numel())
+            total -= full_numel(module.rows)
     return trainable, total

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from korcpt.labels import IGNORE_INDEX
 from korcpt.model.load import is_multimodal
 from korcpt.model.lora import NewTokenHead, unwrap_base
+from korcpt.model.zero3 import register_external
 
 # Batch keys that are model inputs; anything else a batch carries (labels, sample_id, token_source) is not.
 # The cu_seq_lens/max_length keys are FlashAttention varlen document boundaries (korcpt.model.packing).
@@ -242,13 +243,7 @@ class HeadLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         head = base.get_output_embeddings()
-        params = [head.weight, head.new_rows] if isinstance(head, NewTokenHead) else [head.weight]
-        try:
-            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-        except ImportError:  # no DeepSpeed, no partitioning: nothing to declare
-            return
-        for param in params:
-            register_external_parameter(self, param)
+        register_external(self, [head.weight, head.new_rows] if isinstance(head, NewTokenHead) else [head.weight])
 
     def head_weight(self) -> torch.Tensor:
         """The output head as one [vocab, hidden] matrix (new-token rows spliced in when they train apart)."""

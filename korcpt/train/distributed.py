@@ -22,6 +22,7 @@ from korcpt.config import RunConfig
 from korcpt.errors import TrainingError
 from korcpt.model.load import resolve_dtype
 from korcpt.model.lora import unwrap_base
+from korcpt.model.zero3 import is_partitioned
 
 NODE_MARKS = ".korcpt-nodes"  # output.dir/.korcpt-nodes/<nonce>/: the shared-directory check's markers
 # How long a node looks for the other nodes' markers: network filesystems may show a file created on
@@ -129,7 +130,7 @@ def cast_for_deepspeed(accelerator, model) -> None:
     if plugin is None or not _ds_enabled(plugin.deepspeed_config, "bf16"):
         return
     for param in model.parameters():
-        if param.is_floating_point() and not hasattr(param, "ds_id"):
+        if param.is_floating_point() and not is_partitioned(param):
             param.data = param.data.to(torch.bfloat16)
 
 

@@ -19,6 +19,7 @@ from korcpt import assets
 from korcpt.config import ModelConfig, RunConfig
 from korcpt.files import atomic_path, atomic_write_json
 from korcpt.model.lora import module_name, trained_rows, untied_head
+from korcpt.model.zero3 import full_shape, gathered, is_partitioned
 from korcpt.train.metrics import mfu, versions
 
 
@@ -34,17 +35,16 @@ def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _master_value(param: torch.nn.Parameter) -> torch.Tensor:
-    if not (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+    if not (is_partitioned(param) or hasattr(param, "_hp_mapping")):
         return param  # no DeepSpeed: the parameter is its own float32 master (korcpt.model.lora)
-    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     master = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank calls it
     if master is not None:
         return master
-    if not hasattr(param, "ds_id"):
+    if not is_partitioned(param):
         return param
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):  # no optimizer (yet)
+    with gathered([param], modifier_rank=None):  # no optimizer (yet)
         return param.detach().clone()
 
 
@@ -68,8 +68,7 @@ def adapter_state(unwrapped, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], l
     lora = {k: v for k, v in full.items() if "lora_" in k}
     state = get_peft_model_state_dict(unwrapped, state_dict=lora, save_embedding_layers=False)  # rows: below
     base = unwrapped.get_base_model()
-    vocab = base.get_input_embeddings().weight.shape[0] if not hasattr(base.get_input_embeddings().weight, "ds_shape") \
-        else base.get_input_embeddings().weight.ds_shape[0]
+    vocab = full_shape(base.get_input_embeddings().weight)[0]
     ids, rows = trained_rows(base, cfg.lora, vocab)
     if ids:
         rows = full[_param_name(unwrapped, rows)][:len(ids)]
