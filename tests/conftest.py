@@ -4,10 +4,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("KORCPT_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    from tinyrun import LAUNCHES
+
+    if LAUNCHES:  # what the launched-run helper started: the figure issue 24 reduces
+        terminalreporter.write_line("launched training processes: " + ", ".join(f"{m} {n}" for m, n in LAUNCHES.items()))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 from korcpt.corpus.build import CorpusOptions, ExcludeSet, build_corpus
 from korcpt.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyrun import ROOT
 SEED_MCQ = {
     "question": "항문압 측정 검사에서 항문 압력이 증가하는 경우는?",
     "A": "직장질루(rectovaginal fistula)", "B": "항문열창(anal fissure)", "C": "대변실금(fecal incontinence)",

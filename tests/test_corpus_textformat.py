@@ -20,7 +20,7 @@ from korcpt.corpus.validation import val_documents
 from korcpt.corpus.wiki import clean_mediawiki, clean_wiki
 from korcpt.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyrun import ROOT
 
 # Web prose: ## heading and hashtags, ^^ and ~~ emoticons, text between two ~~ on different lines,
 # __ and ,, as punctuation. Already normalised, so the plain cleaner must give it back unchanged.

@@ -15,6 +15,7 @@ from korcpt.corpus.mcq import LETTERS, MCQItem, parse_mcq_record
 from korcpt.errors import DataError
 from korcpt.eval.mcq import (build_choice_context, build_letter_prompt, load_mcq, score_mcq, select_fewshot,
                              wilson_interval)
+from tinyrun import tiny_model
 
 EXAM_TYPES = ("doctor", "nurse", "pharm")
 SUBJECTS = ("내과", "외과", "약리학", "간호학", "소아과")
@@ -53,15 +54,6 @@ def tiny_tokenizer(tmp_path: Path, items: list[MCQItem]):
     text.write_text("\n".join(build_letter_prompt(it, []) + " " + it.answer_letter for it in items), encoding="utf-8")
     train_tiny_tokenizer([text], tmp_path / "tok", vocab_size=700)
     return AutoTokenizer.from_pretrained(tmp_path / "tok")
-
-
-def tiny_model(vocab: int, seed: int = 0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    return Gemma3ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,9 @@ import torch
 
 from korcpt.eval.perplexity import evaluate_perplexity
 from korcpt.model.loss import forward_kwargs, token_nll
+from tinyrun import tiny_model
 
 VOCAB = 97
-
-
-def tiny_model(seed: int = 0, vocab: int = VOCAB):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    return Gemma3ForCausalLM(config).eval()
 
 
 def packed_batches(seed: int = 1) -> list[dict]:
@@ -59,7 +51,7 @@ def hand_nll(model, batch) -> tuple[list[float], list[int]]:
 
 
 def test_perplexity_is_exp_of_token_weighted_nll_not_mean_of_batch_means():
-    model = tiny_model()
+    model = tiny_model(VOCAB)
     batches = packed_batches()
     all_nll, all_src, batch_means = [], [], []
     for b in batches:
@@ -83,7 +75,7 @@ def test_perplexity_is_exp_of_token_weighted_nll_not_mean_of_batch_means():
 
 
 def test_token_nll_matches_hand_sum_and_keeps_gradients():
-    model = tiny_model()
+    model = tiny_model(VOCAB)
     batch = packed_batches()[1]
     nll_sum, n = token_nll(model.train(), {k: v for k, v in batch.items() if k != "token_source"})
     nll, _ = hand_nll(model, batch)
@@ -94,7 +86,7 @@ def test_token_nll_matches_hand_sum_and_keeps_gradients():
 
 
 def test_evaluation_restores_training_mode_and_handles_empty_set():
-    model = tiny_model().train()
+    model = tiny_model(VOCAB).train()
     result = evaluate_perplexity(model, [])
     assert model.training
     assert result["tokens"] == 0 and math.isnan(result["loss"]) and "by_source" not in result
@@ -147,7 +139,7 @@ def _distributed_worker(model_dir: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_one_and_two_processes_agree(tmp_path):
-    model = tiny_model()
+    model = tiny_model(VOCAB)
     model.save_pretrained(tmp_path / "model")
     single = evaluate_perplexity(model, packed_batches(), source_names=["korean", "medical"])
     out = tmp_path / "two.json"

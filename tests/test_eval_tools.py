@@ -14,9 +14,8 @@ import torch
 from korcpt.corpus.mcq import parse_mcq_record
 from korcpt.eval.mcq import build_letter_prompt, load_mcq, score_mcq
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_eval_mcq import fixture_records, tiny_model, tiny_tokenizer, write_jsonl  # noqa: E402
+from test_eval_mcq import fixture_records, tiny_tokenizer, write_jsonl
+from tinyrun import ROOT, tiny_model
 
 REPORT_KEYS = {"accuracy", "n", "n_skipped", "ci95", "mode", "shots", "chance", "by_group"}
 

@@ -3,19 +3,17 @@ saved adapter loads with PeftModel.from_pretrained and reproduces the trained mo
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from korcpt.config import LoraConfig, RunConfig
 from korcpt.model.lora import NewTokenRows, apply_lora, count_parameters, embedding_parameters
+from tinyrun import tiny_model
 
 BASE_VOCAB, NEW = 300, 20
 
 
-def tiny_model(seed: int = 0) -> Gemma3ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=BASE_VOCAB + NEW, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32)
-    return Gemma3ForCausalLM(cfg).eval()
+def lora_base(seed: int = 0):
+    """The tiny model with NEW rows past a base vocabulary of BASE_VOCAB."""
+    return tiny_model(BASE_VOCAB + NEW, seed)
 
 
 def train_a_little(model, steps: int = 5) -> None:
@@ -37,7 +35,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["frozen", "new_tokens", "full"])
 def test_what_trains_per_embedding_mode(mode):
-    base = tiny_model()
+    base = lora_base()
     emb_before = base.get_input_embeddings().weight.detach().clone()
     model = apply_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=mode),
                        list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
@@ -67,16 +65,16 @@ def test_what_trains_per_embedding_mode(mode):
 
 
 def test_trainable_counts_for_new_tokens_are_the_rows_and_lora():
-    model = apply_lora(tiny_model(), LoraConfig(r=4, alpha=8, embeddings="new_tokens"),
+    model = apply_lora(lora_base(), LoraConfig(r=4, alpha=8, embeddings="new_tokens"),
                        list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
     trainable, total = count_parameters(model)
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert trainable == lora + NEW * 64
-    assert total == sum(p.numel() for p in tiny_model().parameters()) + lora
+    assert total == sum(p.numel() for p in lora_base().parameters()) + lora
 
 
 def test_new_rows_feed_the_tied_head():
-    model = apply_lora(tiny_model(), LoraConfig(r=4, alpha=8, dropout=0.0, embeddings="new_tokens"),
+    model = apply_lora(lora_base(), LoraConfig(r=4, alpha=8, dropout=0.0, embeddings="new_tokens"),
                        list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
     inner = model.get_base_model()
     with torch.no_grad():
@@ -99,14 +97,14 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_logits(tmp_path, mode):
     cfg = RunConfig()
     cfg.lora = LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=mode)
     cfg.model.name = "tiny"
-    model = apply_lora(tiny_model(), cfg.lora, list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
+    model = apply_lora(lora_base(), cfg.lora, list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
     train_a_little(model)
     model.eval()
     ids = torch.tensor([[2, 7, BASE_VOCAB + 3, 11, BASE_VOCAB + 19, 4]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     save_adapter(Accelerator(cpu=True), model, cfg, tmp_path / "out")
-    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path / "out").eval()
+    loaded = PeftModel.from_pretrained(lora_base(), tmp_path / "out").eval()
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -117,7 +115,7 @@ def test_a_bfloat16_model_trains_float32_masters_and_computes_in_bfloat16(mode):
     """Trainable tensors are float32 (a bfloat16 weight drops AdamW steps below half its ulp), frozen
     ones stay bfloat16, the forward runs in bfloat16, and one step at lr 2e-5 moves (nearly) every
     embedding entry."""
-    model = apply_lora(tiny_model().to(torch.bfloat16), LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=mode),
+    model = apply_lora(lora_base().to(torch.bfloat16), LoraConfig(r=4, alpha=8, dropout=0.0, embeddings=mode),
                        list(range(BASE_VOCAB, BASE_VOCAB + NEW)))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and {p.dtype for p in trainable.values()} == {torch.float32}

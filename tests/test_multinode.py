@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinyrun import ROOT, run_config
+from tinyrun import ROOT, free_port, run_config, trained_ids
 
 # The shipped 2 x 8 GPU file, with the overrides a CPU machine needs: 2 processes (one a node), the CPU
 # DeepSpeed file, and this machine as the rendezvous host.
@@ -30,12 +29,6 @@ TWO_NODES = ROOT / "configs/accelerate/zero3_2nodes.yaml"
 DEEPSPEED_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true",
                  "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "configs/deepspeed/cpu_zero3.json")}
 TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_command(node: int, port: int, cfg: Path, accelerate: bool) -> list[str]:
@@ -85,11 +78,6 @@ def tiny_run(tmp_path: Path, data, model_dir: Path, name: str, grad_accum: int, 
                       eval={"steps": 0, "max_val_sequences": 8, "batch_size": 2})
 
 
-def ids(out: Path) -> list[int]:
-    return [i for path in sorted((out / "samples").glob("rank*.jsonl")) for line in path.read_text().splitlines()
-            for i in json.loads(line)["ids"]]
-
-
 @pytest.mark.slow
 def test_two_nodes_zero3_equal_one_process(tmp_path, tiny_data, pretrained_tiny):
     one_out, nodes_out = tmp_path / "one", tmp_path / "nodes"
@@ -115,7 +103,7 @@ def test_two_nodes_zero3_equal_one_process(tmp_path, tiny_data, pretrained_tiny)
         torch.testing.assert_close(adapter[key], value, rtol=1e-5, atol=5e-5, msg=key)
     print(f"[multinode] adapter: {len(adapter)} tensors, max abs difference "
           f"{max((adapter[k] - v).abs().max().item() for k, v in ref_adapter.items()):.1e}")
-    assert sorted(ids(nodes_out)) == sorted(ids(one_out)) and len(set(ids(nodes_out))) == 6
+    assert sorted(trained_ids(nodes_out)) == sorted(trained_ids(one_out)) and len(set(trained_ids(nodes_out))) == 6
 
     # every rank's part of each checkpoint is in it, renamed from .tmp- once all had written
     checkpoints = nodes_out / "checkpoints"

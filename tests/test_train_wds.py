@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from korcpt.config import load_config
-from korcpt.train.loop import train
-from tinyrun import ROOT, run_config
+from tinyrun import ROOT, run_config, step_ids, train_run
 
 SLOW_LAUNCH = ROOT / "tests" / "faults" / "_slow_launch.py"
 SERVER_LIFETIME = 600  # seconds: the server stops by itself even if a finalizer never runs
@@ -40,25 +39,13 @@ def exported(tmp_path_factory, tiny_data) -> Path:
     return out
 
 
-def run(tmp_path: Path, tok: Path, shards: str | Path, name: str, resume: str = "", **sections) -> tuple[dict, Path]:
-    out = tmp_path / name
-    cfg = load_config(run_config(tmp_path / f"{name}.yaml", tok, shards, out, **sections))
-    return train(cfg, resume=resume), out
-
-
-def step_ids(out: Path) -> dict[int, list[int]]:
-    """step -> sequence ids of rank 0, the newest record of a step winning (a resumed run replays)."""
-    lines = (out / "samples/rank000.jsonl").read_text().splitlines()
-    return {r["step"]: r["ids"] for r in map(json.loads, lines)}
-
-
 def test_memmap_and_webdataset_runs_train_every_sequence_once_per_epoch(tmp_path, tiny_data, exported):
     """162 sequences, micro-batch 6 x accumulation 3: 9 steps an epoch take every sequence once, from
     the directory (a global shuffle) and from its tars (whole tars, shuffled within): nothing dropped."""
     sections = {"train": {"max_steps": 0, "epochs": 2, "micro_batch_size": 6, "grad_accum": 3}, "eval": {"steps": 0}}
     tok = tiny_data[0]
-    mm_info, mm = run(tmp_path, tok, tiny_data[1], "memmap", **sections)
-    wd_info, wd = run(tmp_path, tok, f"file:{exported}/{TRAIN_TARS}", "wds", **sections)
+    mm_info, mm = train_run(tmp_path, (tok, tiny_data[1]), "memmap", **sections)
+    wd_info, wd = train_run(tmp_path, (tok, f"file:{exported}/{TRAIN_TARS}"), "wds", **sections)
     epochs = {}
     for name, info, out in (("memmap", mm_info, mm), ("wds", wd_info, wd)):
         assert info["steps"] == 18 and info["plan"]["sequences_per_epoch"] == 162, name
@@ -104,7 +91,7 @@ def test_a_run_from_http_killed_after_a_checkpoint_resumes_exactly(tmp_path, tin
     url, requested = http_export
     shards = f"{url}/{TRAIN_TARS}"
     sections = {"train": {"max_steps": 6, "save_steps": 2, "keep_last": 3}, "eval": {"steps": 0}}
-    _, whole = run(tmp_path, tiny_data[0], shards, "whole", **sections)
+    _, whole = train_run(tmp_path, (tiny_data[0], shards), "whole", **sections)
     # the manifest first; then only the tars the run reached (24 sequences: the first tar of the order)
     assert requested[0] == "/manifest.json" and "/wds/val/shard-00000.tar" in requested
     assert len([p for p in requested if p.startswith("/wds/train/shard-0000")]) == 1
@@ -128,7 +115,7 @@ def test_a_run_from_http_killed_after_a_checkpoint_resumes_exactly(tmp_path, tin
     killed_at = json.loads(first.read_text())["stream"]
     assert killed_at == {"seed": 3, "epoch": 0, "consumed": 8, "num_sequences": 162, "readers": 1}
 
-    info, cut = run(tmp_path, tiny_data[0], shards, "cut", resume="auto", **sections)
+    info, cut = train_run(tmp_path, (tiny_data[0], shards), "cut", resume="auto", **sections)
     assert info["steps"] == 6
     assert step_ids(cut) == step_ids(whole) and len(step_ids(whole)) == 6
     a, b = load_file(str(whole / "adapter_model.safetensors")), load_file(str(cut / "adapter_model.safetensors"))

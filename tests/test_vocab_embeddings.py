@@ -8,6 +8,7 @@ import torch
 from korcpt.errors import ModelError
 from korcpt.model.embeddings import new_token_ids, piece_ids, resize_and_init_embeddings
 from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
+from tinyrun import tiny_model
 
 LINES = [
     "오늘 아침에 우리는 학교에 갔다.",
@@ -34,21 +35,10 @@ def tokenizers(tmp_path_factory):
     return base, new
 
 
-def tiny_model(vocab_size: int, tied: bool = True, seed: int = 0):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(seed)
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, tie_word_embeddings=tied,
-    )
-    return Gemma3ForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_new_rows_are_means_of_base_pieces_and_old_rows_identical(tokenizers, tied):
     base, new = tokenizers
-    model = tiny_model(len(base), tied=tied)
+    model = tiny_model(len(base), tie_word_embeddings=tied)
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
     ids = resize_and_init_embeddings(model, base, new)

@@ -24,7 +24,7 @@ from korcpt.vocab.extend import (
     round_trip_failures,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyrun import ROOT
 SHARED = ROOT.parent / "shared" / "data"
 if not SHARED.is_dir():
     SHARED = Path("/work/shared/data")

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tinyrun import ROOT
 LINES = ["오늘 아침에 우리는 학교에 갔다.", "친구와 함께 시장에 가서 과일을 샀다.", "The quick brown fox."] * 3
 EXTENSION = [f"어제 당뇨병{p} 검진 결과를 들었다." for p in ["은", "이", "을", ""]] * 2 + ["고혈압 폐렴"] * 2
 
@@ -65,6 +64,7 @@ def _worker(model_dir: str, base_dir: str, new_dir: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_zero3_resize_matches_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig

@@ -1,16 +1,23 @@
 """Shared helpers for tests that train: a synthetic Korean corpus, a tiny tokenizer and shards built
-from it with the real tools, and a run config pointing at them."""
+from it with the real tools, a tiny model from the shipped architecture file, a run config pointing at
+them, one way to run a training (in this process or launched), the sample-id logs a run writes, and
+ports the OS hands out."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY_ARCH = ROOT / "configs/models/tiny_gemma3.json"
 
 _SUBJECTS = ["당뇨병", "고혈압", "천식", "폐렴", "빈혈", "위염", "간염", "골다공증", "편두통", "통풍"]
 _PREDICATES = [
@@ -98,7 +105,7 @@ def run_config(path: Path, tok_dir: Path, shards: Path, out: Path, **sections) -
     """Write a tiny run config (random tiny Gemma 3) with section overrides; returns its path."""
     cfg = {
         "data": {"shards": str(shards)},
-        "model": {"name": str(ROOT / "configs/models/tiny_gemma3.json"), "tokenizer": str(tok_dir),
+        "model": {"name": str(TINY_ARCH), "tokenizer": str(tok_dir),
                   "random_init": True, "dtype": "float32", "attn_implementation": "eager"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "embeddings": "frozen"},
         "train": {"lr": 0.005, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 6, "warmup_steps": 1,
@@ -134,3 +141,89 @@ def moved_fractions(initial: dict, final: dict) -> dict[str, float]:
     """key -> fraction of the tensor's entries whose saved value differs from the initial one."""
     assert initial.keys() == final.keys(), sorted(set(initial) ^ set(final))
     return {k: (final[k].float() != initial[k].float()).float().mean().item() for k in initial}
+
+
+def tiny_model(vocab_size: int, seed: int = 0, attn_implementation: str | None = None, **overrides):
+    """A random Gemma3ForCausalLM of the shipped tiny architecture (configs/models/tiny_gemma3.json) with
+    ``vocab_size`` rows, seeded by ``seed``, in eval mode; ``overrides`` replace config fields."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    arch = {k: v for k, v in json.loads(TINY_ARCH.read_text()).items() if k != "model_type"}
+    config = Gemma3TextConfig(**{**arch, "vocab_size": vocab_size, **overrides})
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(config).float().eval()
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free now (bind to port 0): never shared by two tests of one session,
+    unlike a port derived from a (per-process salted) string hash."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def samples(out: Path, rank: int = 0) -> list[dict]:
+    """The records of ``out/samples/rankNNN.jsonl`` (one per optimizer step attempt: step, ids, ...)."""
+    return [json.loads(line) for line in (out / "samples" / f"rank{rank:03d}.jsonl").read_text().splitlines()]
+
+
+def step_ids(out: Path, rank: int = 0) -> dict[int, list[int]]:
+    """step -> sequence ids of ``rank``, the newest record of a step winning (a resumed run replays)."""
+    return {r["step"]: r["ids"] for r in samples(out, rank)}
+
+
+def trained_ids(out: Path) -> list[int]:
+    """Every sequence id every rank logged, in rank then step order (replays included)."""
+    ranks = sorted(int(p.stem[4:]) for p in (out / "samples").glob("rank*.jsonl"))
+    return [i for rank in ranks for record in samples(out, rank) for i in record["ids"]]
+
+
+def run_info(out: Path) -> dict:
+    return json.loads((out / "training_info.json").read_text())
+
+
+def train_run(tmp_path: Path, tiny_data, name: str, resume: str = "", **sections) -> tuple[dict, Path]:
+    """Train in this process on ``tiny_data`` (tokenizer, shards) with ``run_config``'s defaults and
+    ``sections`` overrides; (training info, output dir ``tmp_path/name``)."""
+    from korcpt.config import load_config
+    from korcpt.train.loop import train
+
+    tok, shards = tiny_data
+    out = tmp_path / name
+    cfg = load_config(run_config(tmp_path / f"{name}.yaml", tok, shards, out, **sections))
+    return train(cfg, resume=resume), out
+
+
+LAUNCHERS = {
+    "ddp": "configs/accelerate/cpu_ddp.yaml",
+    "zero2": "configs/accelerate/cpu_zero2.yaml",
+    "zero3": "configs/accelerate/cpu_zero3.yaml",
+}
+
+
+# processes each launcher started in this test session (tests/conftest.py prints them)
+LAUNCHES: dict[str, int] = {}
+
+
+def launch_command(mode: str, args: list[str], script: str | Path = "launch/train.py") -> list[str]:
+    """The command that runs ``script args``: ``python`` for mode "one", else a 2-process ``accelerate
+    launch`` with ``LAUNCHERS[mode]`` on a port the OS hands out."""
+    LAUNCHES[mode] = LAUNCHES.get(mode, 0) + 1
+    if mode == "one":
+        return [sys.executable, str(script), *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", LAUNCHERS[mode],
+            "--main_process_port", str(free_port()), str(script), *args]
+
+
+def launched_run(mode: str, args: list[str], script: str | Path = "launch/train.py", env: dict | None = None,
+                 timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``launch_command`` to the end in a subprocess (one thread per process); with ``check``, fails
+    on a nonzero exit."""
+    env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(launch_command(mode, args, script), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
