@@ -67,41 +67,10 @@ def document_mask_setting(flag: bool | None, adapter: Path | None) -> bool:
     return value
 
 
-def val_batches(model, shards, max_sequences: int, batch_size: int, document_mask: bool):
-    """Batches of the first ``max_sequences`` val sequences in stored order, as the trainer's validation
-    forward takes them (:func:`korcpt.model.loss.model_batch`), each with per-token sources."""
-    import torch
-
-    from korcpt.eval.perplexity import model_device
-    from korcpt.model.loss import model_batch
-    from korcpt.shards.reader import SequenceStream
-
-    device = model_device(model)
-    stream = SequenceStream(shards, seed=0, shuffle=False, limit=max_sequences)
-    batch: list[dict] = []
-
-    def collate() -> dict:
-        stacked = {k: torch.stack([b[k] for b in batch]) for k in batch[0]}
-        # source_ids covers the seq_len + 1 window; labels are window[1:], so their sources are [1:] too.
-        sources = torch.stack([torch.from_numpy(shards.source_ids(int(i))[1:].astype("int64"))
-                               for i in stacked["sample_id"]])
-        # Not the reader's position_ids as such: they restart per document, and transformers would
-        # then mask per document by itself, which the trainer does only with data.document_mask.
-        return {**model_batch(model, stacked, document_mask, device), "token_source": sources.to(device)}
-
-    for sample in stream:
-        batch.append(sample)
-        if len(batch) == batch_size:
-            yield collate()
-            batch = []
-    if batch:
-        yield collate()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from korcpt.eval.loading import load_from_arguments
-    from korcpt.eval.perplexity import evaluate_perplexity
+    from korcpt.eval.perplexity import evaluate_perplexity, val_batches
     from korcpt.shards import tokenizer_fingerprint
     from korcpt.shards.reader import open_shards
 
@@ -113,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if shards.num_sequences == 0:
         raise DataError(f"{args.shards}: the val split has no sequences (build the shards with --val-fraction > 0)")
     document_mask = document_mask_setting(args.document_mask, args.adapter)
-    result = evaluate_perplexity(model, val_batches(model, shards, args.max_val_sequences, args.batch_size,
-                                                    document_mask), source_names=shards.sources or None)
+    batches = val_batches(model, shards, max_sequences=args.max_val_sequences, batch_size=args.batch_size,
+                          document_mask=document_mask)
+    result = evaluate_perplexity(model, batches, source_names=shards.sources or None)
     result.update(model=args.model, adapter=str(args.adapter) if args.adapter else None, shards=str(args.shards),
                   document_mask=document_mask)
     emit_report(result, args.out, f"val loss {result['loss']:.4f}, ppl {result['ppl']:.3f} on {result['tokens']} "

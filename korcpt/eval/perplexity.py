@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from korcpt.corpus.text import hangul_syllables
 from korcpt.log import get_logger
-from korcpt.model.loss import IGNORE_INDEX, token_nll_per_position
+from korcpt.model.loss import IGNORE_INDEX, model_batch, token_nll_per_position
 
 log = get_logger(__name__)
 
@@ -127,6 +127,30 @@ def evaluate_perplexity(
 
 
 # ---------------------------------------------------------------- bits per character on text
+
+
+def val_batches(model, val_set, *, max_sequences: int, batch_size: int, document_mask: bool, rank: int = 0,
+                world_size: int = 1, device: torch.device | None = None,
+                extra: Callable[[dict], dict] | None = None) -> Iterator[dict]:
+    """This rank's share of the first ``max_sequences`` validation sequences (0: all) in stored order,
+    batched as the training forward takes them (:func:`korcpt.model.loss.model_batch`), each batch with
+    ``token_source``: the source id of every target, for per-source losses.
+
+    Args:
+        val_set: the validation split (a shard source with ``source_ids``).
+        device: where the batches go (default: the model's).
+        extra: more keys for a batch, computed from the reader's batch (``sample_id``, ``labels`` ...).
+    """
+    from korcpt.shards.reader import SequenceStream
+
+    device = model_device(model) if device is None else device
+    stream = SequenceStream(val_set, seed=0, rank=rank, world_size=world_size, shuffle=False, limit=max_sequences)
+    for batch in torch.utils.data.DataLoader(stream, batch_size=batch_size):
+        # source_ids covers the seq_len + 1 window; labels are window[1:], so their sources are [1:] too.
+        sources = torch.stack([torch.from_numpy(val_set.source_ids(int(i))[1:].astype("int64"))
+                               for i in batch["sample_id"]])
+        yield {**model_batch(model, batch, document_mask, device), "token_source": sources.to(device),
+               **(extra(batch) if extra else {})}
 
 
 def read_heldout_texts(path: Path) -> tuple[list[str], list[str]]:

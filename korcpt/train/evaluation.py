@@ -11,7 +11,6 @@ import torch
 
 from korcpt.config import EvalConfig, RunConfig
 from korcpt.log import get_logger
-from korcpt.model.loss import model_batch
 
 log = get_logger(__name__)
 
@@ -85,14 +84,12 @@ class Evaluator:
         return result
 
     def _perplexity(self) -> dict:
-        from korcpt.eval.perplexity import evaluate_perplexity
-        from korcpt.shards.reader import SequenceStream
+        from korcpt.eval.perplexity import evaluate_perplexity, val_batches
 
         acc, val_set, cfg = self.accelerator, self.val_set, self.cfg
-        stream = SequenceStream(val_set, seed=0, rank=acc.process_index, world_size=acc.num_processes,
-                                shuffle=False, limit=cfg.eval.max_val_sequences)
-        loader = torch.utils.data.DataLoader(stream, batch_size=cfg.eval.batch_size)
-        batches = (self._val_batch(b) for b in loader)
+        batches = val_batches(self.model, val_set, max_sequences=cfg.eval.max_val_sequences, batch_size=cfg.eval.batch_size,
+                              document_mask=cfg.data.document_mask, rank=acc.process_index, world_size=acc.num_processes,
+                              device=acc.device, extra=self._target_chars)
         ppl = evaluate_perplexity(self.model, batches, reduce=lambda t: acc.reduce(t, "sum"),
                                   source_names=val_set.sources or None)
         result = {f"val_loss_{name}": part["loss"] for name, part in ppl.get("by_source", {}).items()}
@@ -106,18 +103,14 @@ class Evaluator:
 
         return {"heldout_bpc": score_text(self.model, self.tokenizer, self.heldout, batch_size=self.cfg.eval.batch_size)["bpc"]}
 
-    def _val_batch(self, batch: dict) -> dict:
-        """A validation batch with model inputs, labels and, for per-source losses, each target's source;
-        only what the training forward gets (:func:`korcpt.model.loss.model_batch`)."""
+    def _target_chars(self, batch: dict) -> dict:
+        """The characters each validation sequence's targets cover (for bits per character)."""
         from korcpt.eval.perplexity import target_chars
 
         ids = [int(i) for i in batch["sample_id"]]
-        sources = torch.stack([torch.from_numpy(self.val_set.source_ids(i)[1:].astype("int64")) for i in ids])
         if any(i not in self._chars for i in ids):  # decoded once per run: the sequences do not change
             self._chars.update(zip(ids, target_chars(self.tokenizer, batch["labels"]).tolist()))
-        device = self.accelerator.device
-        return {**model_batch(self.model, batch, self.cfg.data.document_mask, device), "token_source": sources.to(device),
-                "target_chars": torch.tensor([self._chars[i] for i in ids], device=device)}
+        return {"target_chars": torch.tensor([self._chars[i] for i in ids], device=self.accelerator.device)}
 
     def _mcq(self) -> dict:
         from accelerate.utils import gather_object
