@@ -1,8 +1,10 @@
 """Fault-injection suite: a seeded random source per test and a tally printed at the end of the run.
 
 Every test draws what it injects from ``fault_rng`` (seeded by ``KORCPT_FAULT_SEED``, default below,
-and the test's name), prints it, and records what happened with ``tally.add(...)``. The table at the
-end of the session is the one ``tests/faults/README.md`` quotes:
+and the test's name), prints it, counts what happened (faults that landed, runs that completed,
+sequences or bytes lost, exceptions of an unexpected type), adds those counts with ``tally.add(...)``
+and only then asserts on them: the table shows what the tests measured, a failure included. The table
+at the end of the session is the one ``tests/faults/README.md`` quotes:
 
     KORCPT_FAULT_SEED=7 .venv/bin/python -m pytest tests/faults -q -s
 """
@@ -21,7 +23,8 @@ _TALLY: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0
 
 
 class Tally:
-    """Counts per fault category; ``data_lost`` and ``crashes`` must stay 0 (the tests assert it too)."""
+    """Counts per fault category, as the tests measured them; the tests assert ``data_lost`` and
+    ``crashes`` are 0 after adding them."""
 
     def add(self, category: str, **counts: int) -> None:
         unknown = set(counts) - set(COLUMNS)

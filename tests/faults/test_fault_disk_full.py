@@ -24,31 +24,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from korcpt.config import load_config
 from korcpt.errors import TrainingError
 from korcpt.train import checkpoint as ckpt
-from korcpt.train.loop import train
-from tinyrun import run_config
+from _faults import entries_differing, sequences_lost
+from tinyrun import step_ids, train_run
 
 SECTIONS = {"train": {"max_steps": 8, "save_steps": 2, "keep_last": 2}, "eval": {"steps": 0}}
 
 
-def _run(tmp_path: Path, tiny_data, name: str, resume: str = "") -> tuple[dict, Path]:
-    tok, shards = tiny_data
-    out = tmp_path / name
-    cfg = load_config(run_config(tmp_path / f"{name}.yaml", tok, shards, out, **SECTIONS))
-    return train(cfg, resume=resume), out
-
-
-def _dedup(out: Path) -> dict[int, list[int]]:
-    lines = (out / "samples" / "rank000.jsonl").read_text().splitlines()
-    return {e["step"]: e["ids"] for e in map(json.loads, lines)}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_data):
-    info, out = _run(tmp_path_factory.mktemp("ref"), tiny_data, "ref")
-    return load_file(str(out / "adapter_model.safetensors")), _dedup(out)
+    info, out = train_run(tmp_path_factory.mktemp("ref"), tiny_data, "ref", **SECTIONS)
+    return load_file(str(out / "adapter_model.safetensors")), step_ids(out)
 
 
 def _torch_save_enospc(target: str):
@@ -102,30 +89,40 @@ def test_full_disk_while_checkpointing_stops_cleanly_and_resumes(tmp_path, tiny_
         monkeypatch.setattr(torch, "save", _fsize_limited(torch.save, target, 4 << 10))
     print(f"[injected] {how} while writing the checkpoint of step {step}")
 
-    with pytest.raises(TrainingError) as caught:
-        _run(tmp_path, tiny_data, "full")
-    message = str(caught.value)
-    print(f"[message] {message}")
+    err: BaseException | None = None
+    try:
+        train_run(tmp_path, tiny_data, "full", **SECTIONS)
+    except Exception as exc:  # the expected TrainingError, or a crash: counted first, asserted below
+        err = exc
+    monkeypatch.undo()
+    message = str(err)
+    print(f"[message] {type(err).__name__}: {message}")
+    out = tmp_path / "full"
+    done = ckpt.complete_checkpoints(out / "checkpoints")
+    previous_step = json.loads((done[-1] / ckpt.STATE_FILE).read_text())["state"]["step"] if done else None
+    readable = bool(done) and bool(load_file(str(done[-1] / "model.safetensors")))  # the intact checkpoint
+    chosen = ckpt.find_resume(out / "checkpoints", "auto") if done else None
+
+    info, _ = train_run(tmp_path, tiny_data, "full", resume="auto", **SECTIONS)
+    ref_adapter, ref_steps = reference
+    got = load_file(str(out / "adapter_model.safetensors"))
+    recovered = int(info["steps"] == SECTIONS["train"]["max_steps"])
+    lost = sequences_lost(ref_steps, step_ids(out)) + entries_differing(ref_adapter, got)
+    crashes = int(err is not None and not isinstance(err, TrainingError))
+    leftovers = sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))
+    print(f"[result] stopped with {type(err).__name__}, resumed from {done[-1].name if done else None}, "
+          f"{lost} sequences or adapter entries lost; temporary folders left: {leftovers}")
+    tally.add("disk full at checkpoint", faults_injected=1, runs_recovered=recovered, data_lost=lost, crashes=crashes)
+
+    assert crashes == 0 and isinstance(err, TrainingError), repr(err)
     assert "\n" not in message
     assert "could not write checkpoint" in message and ckpt.checkpoint_name(step) in message
     assert "previous checkpoint is intact" in message
-    monkeypatch.undo()
-
-    out = tmp_path / "full"
-    done = ckpt.complete_checkpoints(out / "checkpoints")
     assert done and done[-1].name == ckpt.checkpoint_name(step - 2), done
-    previous = json.loads((done[-1] / ckpt.STATE_FILE).read_text())
-    assert previous["state"]["step"] == step - 2
-    assert load_file(str(done[-1] / "model.safetensors"))  # the intact checkpoint reads back
-    assert ckpt.find_resume(out / "checkpoints", "auto") == done[-1]
-
-    info, _ = _run(tmp_path, tiny_data, "full", resume="auto")
-    assert info["steps"] == SECTIONS["train"]["max_steps"]
-    ref_adapter, ref_steps = reference
-    got = load_file(str(out / "adapter_model.safetensors"))
+    assert previous_step == step - 2
+    assert readable
+    assert chosen == done[-1]
+    assert recovered == 1, info["steps"]
     assert got.keys() == ref_adapter.keys() and all(torch.equal(got[k], ref_adapter[k]) for k in got)
-    assert _dedup(out) == ref_steps
-    leftovers = sorted(p.name for p in (out / "checkpoints").glob(".tmp-*"))
-    print(f"[result] stopped with TrainingError, resumed from {done[-1].name}, adapter identical; "
-          f"temporary folders left: {leftovers}")
-    tally.add("disk full at checkpoint", faults_injected=1, runs_recovered=1, data_lost=0)
+    assert step_ids(out) == ref_steps
+    assert lost == 0

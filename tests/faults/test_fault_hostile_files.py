@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from korcpt.config import ModelConfig, RunConfig, load_config
 from korcpt.errors import DataError, ModelError, TrainingError
 from korcpt.model.load import load_model_and_tokenizer, run_tokenizer
 from korcpt.shards.wds import PICKLE_EXTENSIONS, iter_windows
+from _faults import raised
 from tinyrun import ROOT, run_config
 
 EVIL = """
@@ -67,11 +69,12 @@ def test_webdataset_pickle_members_are_refused_never_decoded(tmp_path, ext, tall
     np.save(tokens, np.arange(9, dtype=np.uint16))
     url = _tar(tmp_path / "hostile.tar", {"0000000000.tokens.npy": tokens.getvalue(),
                                           f"0000000000.starts.{ext}": pickle.dumps(_Payload(marker))})
-    with pytest.raises(DataError, match=f"starts.{ext}"):
-        list(iter_windows([url]))
-    print(f"[injected] webdataset member 0000000000.starts.{ext} (pickle with a payload) -> refused")
+    err = raised(lambda: list(iter_windows([url])))
+    print(f"[injected] webdataset member 0000000000.starts.{ext} (pickle with a payload) -> {err!r}")
+    crashes = int(err is not None and not isinstance(err, DataError))
+    tally.add("hostile files", faults_injected=1, bad_inputs=1, crashes=crashes)
+    assert crashes == 0 and isinstance(err, DataError) and re.search(f"starts.{ext}", str(err)), repr(err)
     assert not marker.exists()
-    tally.add("hostile files", faults_injected=1, bad_inputs=1)
 
 
 def test_webdataset_object_array_npy_is_refused_never_unpickled(tmp_path, tally):
@@ -81,11 +84,13 @@ def test_webdataset_object_array_npy_is_refused_never_unpickled(tmp_path, tally)
     np.save(starts, np.zeros(1, dtype=np.uint32))
     url = _tar(tmp_path / "object.tar", {"0000000000.tokens.npy": obj.getvalue(),
                                          "0000000000.starts.npy": starts.getvalue()})
-    with pytest.raises(DataError, match="0000000000.tokens.npy is not a plain .npy array"):
-        list(iter_windows([url]))
-    print("[injected] webdataset member 0000000000.tokens.npy (object array with a payload) -> refused")
+    err = raised(lambda: list(iter_windows([url])))
+    print(f"[injected] webdataset member 0000000000.tokens.npy (object array with a payload) -> {err!r}")
+    crashes = int(err is not None and not isinstance(err, DataError))
+    tally.add("hostile files", faults_injected=1, bad_inputs=1, crashes=crashes)
+    assert crashes == 0 and isinstance(err, DataError), repr(err)
+    assert re.search("0000000000.tokens.npy is not a plain .npy array", str(err)), str(err)
     assert not marker.exists()
-    tally.add("hostile files", faults_injected=1, bad_inputs=1)
 
 
 def _calls(tree: ast.AST):
@@ -191,19 +196,25 @@ def test_custom_code_in_a_model_or_tokenizer_dir_is_not_imported_by_default(tmp_
         mcfg = ModelConfig(name=str(d), tokenizer=str(tok), dtype="float32", attn_implementation="eager")
         load = lambda: load_model_and_tokenizer(mcfg, torch.device("cpu"))  # noqa: E731
     assert mcfg.trust_remote_code is False  # korcpt's default
-    try:
-        loaded = load()
-    except ModelError as exc:
-        outcome = f"refused: ModelError: {exc}"
-        assert "\n" not in str(exc)
-    else:
-        obj = loaded[0] if isinstance(loaded, tuple) else loaded
+    loaded = []
+    err = raised(lambda: loaded.append(load()))
+    if isinstance(err, ModelError):
+        outcome = f"refused: ModelError: {err}"
+    elif err is None:
+        obj = loaded[0][0] if isinstance(loaded[0], tuple) else loaded[0]
         outcome = f"loaded with the built-in class {type(obj).__module__}.{type(obj).__name__}"
-        assert type(obj).__module__.startswith("transformers."), outcome
+    else:
+        outcome = f"crashed: {err!r}"
     print(f"[injected] {what}: {d.name} -> {outcome}")
+    crashes = int(err is not None and not isinstance(err, ModelError))
+    tally.add("hostile files", faults_injected=1, bad_inputs=1, crashes=crashes)
+    assert crashes == 0, outcome
+    if err is None:
+        assert type(obj).__module__.startswith("transformers."), outcome
+    else:
+        assert "\n" not in str(err)
     assert not marker.exists(), f"custom code was imported: {outcome}"
     assert not any("evil" in m for m in sys.modules), [m for m in sys.modules if "evil" in m]
-    tally.add("hostile files", faults_injected=1, bad_inputs=1)
 
 
 def test_positive_control_trust_remote_code_true_would_import_it(tmp_path, tiny_data):
@@ -233,13 +244,15 @@ def test_resume_from_a_checkpoint_with_a_pickle_payload_does_not_execute_it(tmp_
         (newest / name).write_bytes(pickle.dumps(_Payload(marker)))
         # refused in one line naming the checkpoint, never run; the RNG file too, which Accelerate itself
         # would skip with an info log (the resume would silently stop being exact)
-        with pytest.raises(TrainingError, match=rf"checkpoint .*{newest.name}.* cannot be restored") as err:
-            train(cfg, resume="auto")
-        assert "\n" not in str(err.value) and "Unpickl" in str(err.value), str(err.value)
-        print(f"[injected] pickle payload in {newest.name}/{name} -> TrainingError: {str(err.value)[:160]}")
+        err = raised(lambda: train(cfg, resume="auto"))
+        print(f"[injected] pickle payload in {newest.name}/{name} -> {type(err).__name__}: {str(err)[:160]}")
+        crashes = int(err is not None and not isinstance(err, TrainingError))
+        tally.add("hostile files", faults_injected=1, bad_inputs=1, crashes=crashes)
+        assert crashes == 0 and isinstance(err, TrainingError), repr(err)
+        assert re.search(rf"checkpoint .*{newest.name}.* cannot be restored", str(err)), str(err)
+        assert "\n" not in str(err) and "Unpickl" in str(err), str(err)
         assert not marker.exists(), name
         (newest / name).write_bytes(good)
-        tally.add("hostile files", faults_injected=1, bad_inputs=1)
     # not hostile, only damaged: a truncated optimizer state is a one-line error too, not torch's traceback
     good = (newest / "optimizer.bin").read_bytes()
     (newest / "optimizer.bin").write_bytes(good[: len(good) // 2])

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinyrun import ROOT, run_config
+from _faults import sequences_lost
+from tinyrun import ROOT, launch_command, run_config, samples
 
 SLOW_LAUNCH = Path(__file__).resolve().parent / "_slow_launch.py"
 TOTAL_STEPS = 6
@@ -36,13 +36,13 @@ SAVE_DELAY = 0.5
 RUN_TIMEOUT = 600
 
 
-def _launch(cfg: Path, log: Path, port: int, resume: bool, delay: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_zero3.yaml",
-           "--main_process_port", str(port), str(SLOW_LAUNCH), "--config", str(cfg)]
+def _launch(cfg: Path, log: Path, resume: bool, delay: float) -> subprocess.Popen:
+    # a fresh port from the OS per launch: a killed rank leaves its socket behind
+    cmd = launch_command("zero3", ["--config", str(cfg)] + (["--resume", "auto"] if resume else []), SLOW_LAUNCH)
     env = {**os.environ, "KORCPT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "KORCPT_FAULT_SAVE_DELAY": str(delay)}
     with open(log, "ab") as fh:
-        return subprocess.Popen(cmd + (["--resume", "auto"] if resume else []), stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                 env=env, cwd=ROOT, start_new_session=True)
 
 
@@ -76,8 +76,7 @@ def _kill_group_when(proc: subprocess.Popen, ready, pause: float) -> bool:
 
 
 def _per_rank_steps(out: Path) -> dict[int, list[dict]]:
-    return {r: [json.loads(line) for line in (out / "samples" / f"rank{r:03d}.jsonl").read_text().splitlines()]
-            for r in (0, 1)}
+    return {r: samples(out, r) for r in (0, 1)}
 
 
 @pytest.mark.slow
@@ -93,9 +92,7 @@ def test_two_process_zero3_sigkill_then_resume_auto_trains_every_rank_as_the_uni
     ref_out, cut_out = tmp_path / "ref", tmp_path / "cut"
     ref_cfg = run_config(tmp_path / "ref.yaml", tok, shards, ref_out, **sections)
     cut_cfg = run_config(tmp_path / "cut.yaml", tok, shards, cut_out, **sections)
-    port = 29700 + fault_rng.randrange(200)  # a fresh port per launch: a killed rank leaves its socket behind
-
-    proc = _launch(ref_cfg, tmp_path / "ref.log", port, resume=False, delay=0.0)
+    proc = _launch(ref_cfg, tmp_path / "ref.log", resume=False, delay=0.0)
     assert proc.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "ref.log").read_text()[-4000:]
 
     extra_steps = fault_rng.randint(1, 2)
@@ -103,31 +100,47 @@ def test_two_process_zero3_sigkill_then_resume_auto_trains_every_rank_as_the_uni
     print(f"[kill plan] 2 processes, ZeRO-3: after checkpoint 2 + {extra_steps} steps; "
           f"inside the next checkpoint write after {pause_in_save}s")
     log = tmp_path / "cut.log"
-    proc = _launch(cut_cfg, log, port + 1, resume=True, delay=0.0)
+    proc = _launch(cut_cfg, log, resume=True, delay=0.0)
     first = _kill_group_when(proc, lambda: 2 in _complete(cut_out) and _steps_logged(cut_out) >= 2 + extra_steps, 0.0)
-    assert first, log.read_text()[-4000:]
     target = min(_complete(cut_out)[-1] + 2, TOTAL_STEPS)  # the next checkpoint this resumed run writes
-    proc = _launch(cut_cfg, log, port + 2, resume=True, delay=SAVE_DELAY)
+    proc = _launch(cut_cfg, log, resume=True, delay=SAVE_DELAY)
     tmp_dir = cut_out / "checkpoints" / f".tmp-step-{target:08d}"
     second = _kill_group_when(proc, tmp_dir.is_dir, pause_in_save)
-    assert second, log.read_text()[-4000:]
-    print(f"[injected] SIGKILL x2 (the second inside {tmp_dir.name}); complete checkpoints: {_complete(cut_out)}")
-    proc = _launch(cut_cfg, log, port + 3, resume=True, delay=0.0)
-    assert proc.wait(timeout=RUN_TIMEOUT) == 0, log.read_text()[-4000:]
+    print(f"[injected] SIGKILL x{first + second} (the second inside {tmp_dir.name}); "
+          f"complete checkpoints: {_complete(cut_out)}")
+    proc = _launch(cut_cfg, log, resume=True, delay=0.0)
+    rc = proc.wait(timeout=RUN_TIMEOUT)
 
     ref_steps, cut_steps = _per_rank_steps(ref_out), _per_rank_steps(cut_out)
-    replayed, trained = 0, []
+    replayed, replayed_other, trained, lost = 0, [], [], 0
+    last: dict[int, dict[int, list[int]]] = {}
     for rank in (0, 1):
-        assert [s["step"] for s in ref_steps[rank]] == list(range(1, TOTAL_STEPS + 1))
         first_ids: dict[int, list[int]] = {}
         for entry in cut_steps[rank]:
             if entry["step"] in first_ids:
                 replayed += 1
-                assert entry["ids"] == first_ids[entry["step"]], f"rank {rank} step {entry['step']} replayed other ids"
+                if entry["ids"] != first_ids[entry["step"]]:
+                    replayed_other.append((rank, entry["step"]))
             first_ids.setdefault(entry["step"], entry["ids"])
-        last = {entry["step"]: entry["ids"] for entry in cut_steps[rank]}
-        assert last == {s["step"]: s["ids"] for s in ref_steps[rank]}, f"rank {rank}"
-        trained += [i for step in sorted(last) for i in last[step]]
+        last[rank] = {entry["step"]: entry["ids"] for entry in cut_steps[rank]}
+        lost += sequences_lost({s["step"]: s["ids"] for s in ref_steps[rank]}, last[rank])
+        trained += [i for step in sorted(last[rank]) for i in last[rank][step]]
+    cut_adapter = cut_out / "adapter_model.safetensors"
+    a = load_file(str(ref_out / "adapter_model.safetensors"))
+    b = load_file(str(cut_adapter)) if cut_adapter.exists() else {}
+    # the stated tolerance: entries further apart than atol 1e-6 count as lost
+    lost += sum(int(((a[k] - b[k]).abs() > 1e-6).sum()) if k in b and b[k].shape == a[k].shape else a[k].numel()
+                for k in a)
+    tally.add("SIGKILL, 2-process ZeRO-3", faults_injected=int(first) + int(second),
+              runs_recovered=(int(first) + int(second)) if rc == 0 else 0, data_lost=lost, crashes=int(rc != 0))
+
+    assert first and second, log.read_text()[-4000:]
+    assert rc == 0, log.read_text()[-4000:]
+    assert lost == 0, lost
+    for rank in (0, 1):
+        assert [s["step"] for s in ref_steps[rank]] == list(range(1, TOTAL_STEPS + 1))
+        assert last[rank] == {s["step"]: s["ids"] for s in ref_steps[rank]}, f"rank {rank}"
+    assert not replayed_other, f"(rank, step) {replayed_other} replayed other ids"
     assert replayed >= 2 * extra_steps  # the steps after checkpoint 2 ran again, on both ranks
     assert len(trained) == len(set(trained)) == TOTAL_STEPS * 2 * 2  # 2 ranks x micro 1 x accum 2
 
@@ -137,7 +150,6 @@ def test_two_process_zero3_sigkill_then_resume_auto_trains_every_rank_as_the_uni
     assert cut_info["tokens_seen"] == ref_info["tokens_seen"]
     ref_losses, cut_losses = [x["loss"] for x in ref_info["losses"]], [x["loss"] for x in cut_info["losses"]]
     assert cut_losses == pytest.approx(ref_losses, rel=1e-6)
-    a, b = load_file(str(ref_out / "adapter_model.safetensors")), load_file(str(cut_out / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any("trainable_tokens_delta" in k for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     for key in a:
@@ -146,4 +158,3 @@ def test_two_process_zero3_sigkill_then_resume_auto_trains_every_rank_as_the_uni
     assert not list((cut_out / "checkpoints").glob(".tmp-step-*"))
     print(f"[result] 2 SIGKILLs of 2 ranks, {replayed} replayed rank-steps, 0 sequences skipped or trained twice, "
           f"largest adapter difference {worst:.3g}, losses equal: {cut_losses == ref_losses}")
-    tally.add("SIGKILL, 2-process ZeRO-3", faults_injected=2, runs_recovered=2, data_lost=0, crashes=0)

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tinyrun import ROOT, run_config
+from _faults import bytes_differing, sequences_lost
+from tinyrun import ROOT, run_config, samples
 
 SLOW_LAUNCH = Path(__file__).resolve().parent / "_slow_launch.py"
 TOTAL_STEPS = 12
@@ -148,10 +149,6 @@ def _kill_when(proc: subprocess.Popen, watch: Watch, kind: str, param: float, lo
             "complete_after": watch.complete(), "phase": phase}
 
 
-def _steps(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "samples" / "rank000.jsonl").read_text().splitlines()]
-
-
 def _adapter_bytes(out: Path) -> bytes:
     return (out / "adapter_model.safetensors").read_bytes()
 
@@ -177,40 +174,50 @@ def test_sigkill_anywhere_then_resume_auto_equals_the_uninterrupted_run(tmp_path
         event = _kill_when(proc, watch, kind, param, log)
         events.append(event)
         print(f"[injected] SIGKILL {event}")
-        assert event["killed"] or event["rc"] == 0, (event, log.read_text()[-4000:])
     with open(log, "a") as fh:
         fh.write("\n=== launch to finish\n")
     proc = _launch(SLOW_LAUNCH, cut_cfg, log, 0.0, resume=True)
     rc = proc.wait(timeout=RUN_TIMEOUT)
-    assert rc == 0, log.read_text()[-4000:]
 
     kills = [e for e in events if e["killed"]]
     kinds = {e["kind"] for e in kills}
-    # at least five kills, at least one of them with a .tmp-step-N folder on disk (inside a checkpoint write)
-    assert len(kills) >= 5, events
-    assert "in_checkpoint" in kinds and any(e["tmp_dirs"] for e in kills), events
-
-    # the adapter: the same bytes (and so the same tensors) as the run that was never killed
-    assert _adapter_bytes(cut_out) == _adapter_bytes(ref_out)
-    a, b = load_file(str(ref_out / "adapter_model.safetensors")), load_file(str(cut_out / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
-
-    # the sample log: replays train the same ids; deduplicated it is the reference's, step by step
-    ref_steps, cut_steps = _steps(ref_out), _steps(cut_out)
-    assert [s["step"] for s in ref_steps] == list(range(1, TOTAL_STEPS + 1))
+    # the sample log: replays must train the same ids; deduplicated it must be the reference's, step by step
+    ref_steps, cut_steps = samples(ref_out), samples(cut_out)
     first_seen: dict[int, list[int]] = {}
-    replayed = 0
+    replayed, replayed_other = 0, []
     for entry in cut_steps:
         if entry["step"] in first_seen:
             replayed += 1
-            assert entry["ids"] == first_seen[entry["step"]], f"step {entry['step']} replayed other sequences"
+            if entry["ids"] != first_seen[entry["step"]]:
+                replayed_other.append(entry["step"])
         first_seen.setdefault(entry["step"], entry["ids"])
     last = {entry["step"]: entry["ids"] for entry in cut_steps}
-    assert last == {s["step"]: s["ids"] for s in ref_steps}
+    reference = {s["step"]: s["ids"] for s in ref_steps}
     trained = [i for step in sorted(last) for i in last[step]]
-    assert len(trained) == len(set(trained)) == TOTAL_STEPS * 4  # micro 2 x accum 2, one epoch: no repeats
     missing = {i for s in ref_steps for i in s["ids"]} - set(trained)
     twice = len(trained) - len(set(trained))
+    # the adapter: the same bytes (and so the same tensors) as the run that was never killed
+    cut_adapter = cut_out / "adapter_model.safetensors"
+    differing = bytes_differing(_adapter_bytes(ref_out), cut_adapter.read_bytes() if cut_adapter.exists() else b"")
+    lost = sequences_lost(reference, last) + differing
+    # a launch that exited non-zero without being killed crashed
+    crashes = sum(1 for e in events if not e["killed"] and e["rc"] != 0) + int(rc != 0)
+    print(f"[result] {len(kills)} SIGKILLs, {replayed} replayed steps, {differing} adapter bytes differing, "
+          f"{len(missing)} sequences skipped, {twice} trained twice")
+    tally.add("SIGKILL during training", faults_injected=len(kills), runs_recovered=len(kills) if rc == 0 else 0,
+              data_lost=lost, crashes=crashes)
+
+    assert crashes == 0, (events, rc, log.read_text()[-4000:])
+    # at least five kills, at least one of them with a .tmp-step-N folder on disk (inside a checkpoint write)
+    assert len(kills) >= 5, events
+    assert "in_checkpoint" in kinds and any(e["tmp_dirs"] for e in kills), events
+    assert lost == 0 and differing == 0 and not missing and twice == 0
+    a, b = load_file(str(ref_out / "adapter_model.safetensors")), load_file(str(cut_adapter))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s["step"] for s in ref_steps] == list(range(1, TOTAL_STEPS + 1))
+    assert not replayed_other, f"steps {replayed_other} replayed other sequences"
+    assert last == reference
+    assert len(trained) == len(set(trained)) == TOTAL_STEPS * 4  # micro 2 x accum 2, one epoch: no repeats
 
     ref_info = json.loads((ref_out / "training_info.json").read_text())
     cut_info = json.loads((cut_out / "training_info.json").read_text())
@@ -222,8 +229,3 @@ def test_sigkill_anywhere_then_resume_auto_equals_the_uninterrupted_run(tmp_path
     assert [h["step"] for h in cut_info["history"]] == [h["step"] for h in ref_info["history"]]
     assert cut_info["history"] == ref_info["history"]
     assert not watch.tmp(), f"temporary checkpoint folders left behind: {watch.tmp()}"
-
-    print(f"[result] {len(kills)} SIGKILLs, {replayed} replayed steps, adapter identical, "
-          f"{len(missing)} sequences skipped, {twice} trained twice")
-    tally.add("SIGKILL during training", faults_injected=len(kills), runs_recovered=len(kills),
-              data_lost=len(missing) + twice, crashes=0)
