@@ -143,7 +143,7 @@ def test_a_heldout_file_with_a_bad_line_is_read_with_the_skip_counted(tmp_path, 
     cfg = RunConfig()
     cfg.eval.heldout_file = str(path)
     assert load_heldout_for_run(cfg) == ["천식은 기도 질환이다.", "빈혈이다."]
-    assert 'eval.heldout_file: 1 lines skipped, first: heldout.jsonl:2: expected an object with a non-empty "text"' \
+    assert f'eval.heldout_file: 1 lines skipped, first: {path}:2: expected an object with a non-empty "text"' \
         in caplog.text
     cfg.eval.heldout_file = ""
     assert load_heldout_for_run(cfg) == []
