@@ -296,9 +296,28 @@ def child(what: str, spec: dict) -> dict:
         return {"seconds": seconds, "cpu_s": cpu, "tokens": tokens, "documents": docs, "rss_main_mib": peak_rss_mb(),
                 "rss_tree_mib": tree.peak,
                 "tree_workers_clean_mib": tree.clean}
+    if what == "vocab":
+        return _vocab(spec)
     if what == "reader":
         return _reader(spec)
     raise ValueError(what)
+
+
+def _vocab(spec: dict) -> dict:
+    """The vocabulary stage as ``tools/extend_tokenizer.py`` runs it over the whole corpus: load the base
+    tokenizer, learn ``new_tokens`` tokens, write the extended tokenizer and its report."""
+    from korcpt.vocab.extend import ExtendOptions, extend_tokenizer
+
+    opts = ExtendOptions(base=spec["tokenizer"], out_dir=Path(spec["out"]), max_new_tokens=spec["new_tokens"],
+                         corpus=Path(spec["corpus"]))
+    rss0 = peak_rss_mb()
+    with _TreePeak() as tree:
+        t, c = time.perf_counter(), _cpu_s()
+        report = extend_tokenizer(opts)
+        seconds, cpu = time.perf_counter() - t, _cpu_s() - c
+    return {"seconds": seconds, "learn_s": report["learn_seconds"], "cpu_s": cpu, "new_tokens": report["new_tokens"],
+            "tokens_before": report["training_tokens_before"], "tokens_after": report["training_tokens_after"],
+            "rss_start_mib": rss0, "rss_main_mib": peak_rss_mb(), "rss_tree_mib": tree.peak}
 
 
 def _reader(spec: dict) -> dict:
@@ -368,6 +387,8 @@ def measure(scale: int, args: argparse.Namespace) -> dict:
     common = {"corpus": str(corpus), "out": str(work / "shards"), "tokenizer": args.tokenizer}
     r["shards"] = run_child("shards", {**common, "seq_len": args.seq_len, "workers": args.workers})
     r["bare"] = run_child("bare", {**common, "limit": args.bare_docs})
+    if args.new_tokens:
+        r["vocab"] = run_child("vocab", {**common, "out": str(work / "tokenizer"), "new_tokens": args.new_tokens})
     r["reader"] = run_child("reader", common)
     r["shards_mib"] = sum(p.stat().st_size for p in (work / "shards").rglob("*") if p.is_file()) / 2**20
     if not args.keep:
@@ -421,6 +442,13 @@ def print_report(results: list[dict], args: argparse.Namespace, wall: float) -> 
               f"(tok/s {min(per_rank) * rd['seq_len']:,.0f} to {max(per_rank) * rd['seq_len']:,.0f}); epoch "
               f"{rd['sequences']:,} sequences, {rd['read_once']:,} read exactly once, tail {rd['tail']} dropped "
               f"and counted, rank order {'ok' if rd['order_ok'] else 'WRONG'}")
+        if "vocab" in r:
+            v = r["vocab"]
+            print(f"     vocabulary: {v['new_tokens']:,} new tokens learned over the whole corpus in {v['learn_s']:.1f} s "
+                  f"({v['seconds']:.1f} s with the tokenizer written; {v['cpu_s']:.0f} CPU s), corpus tokens "
+                  f"{v['tokens_before']:,} -> {v['tokens_after']:,} ({v['tokens_after'] / v['tokens_before'] - 1:+.1%}); "
+                  f"peak RSS {v['rss_main_mib']:,.0f} MiB (tokenizer loaded {v['rss_start_mib']:,.0f}); "
+                  f"bare tokenizer over the same text {b['seconds']:.1f} s: vocabulary/bare {v['seconds'] / b['seconds']:.1f}x")
     if len(results) > 1:
         lo, hi = results[0], results[-1]
         f = hi["scale"] / lo["scale"]
@@ -451,6 +479,8 @@ def main() -> int:
                     help="time the bare tokenizer on the corpus's first N documents only (default 0: all)")
     ap.add_argument("--smoke", action="store_true", 
                     help="300 documents at 1x and 2x, seq_len 128, tiny-ko unless --tokenizer (for the test)")
+    ap.add_argument("--new-tokens", type=int, default=0,
+                    help="also run the vocabulary stage over the whole corpus, learning this many tokens (train_raw_korean_text.md: 20000)")
     ap.add_argument("--keep", action="store_true", help="keep each scale's files under --workdir")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
