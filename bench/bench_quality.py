@@ -1,8 +1,8 @@
 """Is the extended model better than the one it started from? Bits per character on held-out text.
 
-    .venv/bin/python bench/bench_quality.py                    # the demo's data and model; 20 and 60 steps
-    .venv/bin/python bench/bench_quality.py --steps 20 60 120  # the budget curve further out
-    .venv/bin/python bench/bench_quality.py --smoke            # 2 steps, 4 texts: that it runs
+    .venv/bin/python bench/bench_quality.py                 # the demo's data and model; 20, 60 and 120 steps
+    .venv/bin/python bench/bench_quality.py --steps 20 40   # a shorter curve
+    .venv/bin/python bench/bench_quality.py --smoke         # 1 and 2 steps, 4 texts: that it runs
 
 Every row is scored by :func:`korcpt.eval.perplexity.score_text` on ``data/heldout/medical_ko.txt``
 (20 sentences written for korcpt, never trained on): bits per character, which, unlike per-token
@@ -17,9 +17,11 @@ perplexity, compares a base tokenizer with an extended one on the same text. The
 * ``extended, mean``: LoRA + the new rows (``lora.embeddings: new_tokens``) from the mean of their pieces.
 * ``extended, distilled``: the same from the distilled rows (``model.new_rows``, untied head).
 
-Each trained row is run for every ``--steps`` budget (the budget curve). Every run takes the same
-optimizer steps of the same number of sequences of ``seq_len`` tokens, so equal steps are equal
-training tokens; the extended tokenizer packs more characters into them (``chars/s``: training tokens
+The budget curve: each trained model is one run of ``max(--steps)`` steps (warmup, then cosine to 10%
+over the whole run) that scores the held-out text at every evaluation (``eval.heldout_file``, every
+``gcd(--steps)`` steps); the table reads its bits per character after each of ``--steps``. Every run
+takes the same optimizer steps of the same number of sequences of ``seq_len`` tokens, so equal steps
+are equal training tokens; the extended tokenizer packs more characters into them (``chars/s``: training tokens
 per second at the held-out text's characters per token). Distillation's own time is printed with its
 row. Data, vocabulary extension, distilled rows and shards are built once by the demo's own
 ``build_data`` (``tools/demo.py``), and every run goes through ``korcpt.train.loop.train`` with the
