@@ -292,7 +292,9 @@ def main() -> int:
         "eval": {"steps": 0},
         "output": {"dir": str(work / "out")},
     })
-    vocab_rows = -(-vocab // 64) * 64
+    from korcpt.model.embeddings import padded_vocab
+
+    vocab_rows = padded_vocab(vocab)
     flops = flops_per_token(arch_with_vocab(arch_path, None if not args.smoke else base_size), vocab_rows,
                             args.seq_len, 16, new if args.embeddings == "new_tokens" else 0)
     print(f"inputs ready after {time.perf_counter() - started:.0f} s; {flops['total'] / 1e9:.2f} GFLOP per token "
