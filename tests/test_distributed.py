@@ -89,6 +89,7 @@ def plan(tmp_path_factory, tiny_data, extended_tiny, pretrained_tiny, pretrained
     add("mm-ref", "one", tiny_data, pretrained_tiny_mm, "full", lr=BF16_LR)
     for mode in ("zero2", "zero3"):
         add(f"mm-bf16-{mode}", mode, tiny_data, pretrained_tiny_mm, "full", "bfloat16", lr=BF16_LR)
+    add("ws-ref", "one", tiny_data, pretrained_tiny, "full", **WS_STEPS)  # uninterrupted, its own run
     add("ws-cut", "one", tiny_data, pretrained_tiny, "full", **WS_STEPS)
     # the same config resumed on two processes (after the cut below): the last run of the ddp launch
     runs["ddp"].append(str(write_config(root, tiny_data, pretrained_tiny, "ws-cut-ddp", "ddp", "full", out="ws-cut",
@@ -104,11 +105,10 @@ def launch_all(plan, mode: str) -> Path:
 
 @pytest.fixture(scope="module")
 def one(plan) -> Path:
-    """The one-process runs, in one process; then ws-cut is cut back to its step-2 checkpoint (its
-    uninterrupted outputs kept as ws-ref) for the ddp launch to resume."""
+    """The one-process runs, in one process; then ws-cut is cut back to its step-2 checkpoint for the
+    ddp launch to resume."""
     root = launch_all(plan, "one")
     cut = root / "ws-cut"
-    shutil.copytree(cut, root / "ws-ref")
     for later in ("checkpoints/step-00000004", "adapter_model.safetensors", "training_info.json"):
         path = cut / later
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -179,8 +179,8 @@ def attempts(out: Path, rank: int) -> list[tuple[int, list[int]]]:
 @pytest.mark.slow
 def test_a_one_process_run_resumed_on_two_processes_continues_exactly(ddp):
     """Another world size with the same global batch (1 x 1 x 4 -> 2 x 1 x 2): no sequence twice, none
-    skipped, and the losses of the uninterrupted run; rank 1 has no RNG file of its own to restore.
-    ws-ref holds ws-cut's own one-process outputs from before the cut (the same config run to the end)."""
+    skipped, and the losses of the uninterrupted run (ws-ref, the same config run separately to the end);
+    rank 1 has no RNG file of its own to restore."""
     ref, cut = ddp / "ws-ref", ddp / "ws-cut"
     assert run_info(ref)["world_size"] == 1 and run_info(ref)["steps"] == 4
     assert run_info(cut)["world_size"] == 2 and run_info(cut)["steps"] == 4
