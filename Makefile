@@ -23,8 +23,12 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) tools/demo.py --config configs/demo_270m.yaml
 
+# One pytest-xdist worker per core; each test file runs on one worker, so a file's shared launches
+# (tests/_matrix_launch.py) start once. TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= auto
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) build outputs

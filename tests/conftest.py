@@ -4,16 +4,50 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "faults"))
 os.environ.setdefault("KORCPT_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # `make test` runs the files on one pytest-xdist worker per core: each worker's torch (and each process
+    # it starts) gets its share of the cores; more threads than cores make every step several times slower
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_sessionfinish(session) -> None:
+    from _faults import TALLY
+    from tinyrun import LAUNCHES
+
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: hand what its tests counted to the controller
+        workeroutput["launches"] = dict(LAUNCHES)
+        workeroutput["tally"] = {category: dict(row) for category, row in TALLY.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's controller: add a finished worker's counts to this process's."""
+    from _faults import add_counts
+    from tinyrun import LAUNCHES
+
+    for mode, n in node.workeroutput.get("launches", {}).items():
+        LAUNCHES[mode] = LAUNCHES.get(mode, 0) + n
+    for category, counts in node.workeroutput.get("tally", {}).items():
+        add_counts(category, counts)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
+    from _faults import fault_seed, tally_lines
     from tinyrun import LAUNCHES
 
     if LAUNCHES:  # what the launched-run helper started: the figure issue 24 reduces
         terminalreporter.write_line("launched training processes: " + ", ".join(f"{m} {n}" for m, n in LAUNCHES.items()))
+    lines = tally_lines()
+    if lines:
+        terminalreporter.section(f"fault injection tally (KORCPT_FAULT_SEED={fault_seed()})")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ ports the OS hands out."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -157,12 +158,25 @@ def tiny_model(vocab_size: int, seed: int = 0, attn_implementation: str | None =
     return Gemma3ForCausalLM(config).float().eval()
 
 
+PORT_BLOCK = 500  # ports each pytest-xdist worker owns, below Linux's ephemeral range (32768-)
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    """A TCP port the OS reports free now (bind to port 0): never shared by two tests of one session,
-    unlike a port derived from a (per-process salted) string hash."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that is free now, from this pytest-xdist worker's own block of ports (10000 + 500 per
+    worker), each handed out once per session: no two tests get the same port, in one process or across
+    workers (a port from a per-process salted string hash, or from the OS's port 0, could repeat)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    while True:
+        offset = next(_next_port)
+        assert offset < PORT_BLOCK, f"this worker has handed out all {PORT_BLOCK} of its ports"
+        port = 10000 + PORT_BLOCK * worker + offset
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # held by something outside the suite: take the next
+                continue
+        return port
 
 
 def samples(out: Path, rank: int = 0) -> list[dict]:

@@ -1,10 +1,37 @@
-"""The suite's seed, shared by conftest.py and the tests (``KORCPT_FAULT_SEED`` overrides it)."""
+"""The suite's seed, shared by conftest.py and the tests (``KORCPT_FAULT_SEED`` overrides it), and the
+tally the tests fill (``tests/conftest.py`` prints it, merged from every pytest-xdist worker)."""
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 
 DEFAULT_SEED = 20261126
+COLUMNS = ("faults_injected", "runs_recovered", "data_lost", "bad_inputs", "crashes")
+# category -> column -> count, as this process's tests measured them
+TALLY: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COLUMNS, 0))
+
+
+def add_counts(category: str, counts: dict[str, int]) -> None:
+    unknown = set(counts) - set(COLUMNS)
+    assert not unknown, unknown
+    row = TALLY[category]
+    for key, value in counts.items():
+        row[key] += int(value)
+
+
+def tally_lines() -> list[str]:
+    """The tally as the table ``tests/faults/README.md`` quotes (no lines when nothing was counted)."""
+    if not TALLY:
+        return []
+    lines = [f"{'category':<28}" + "".join(f"{c:>17}" for c in COLUMNS)]
+    total = dict.fromkeys(COLUMNS, 0)
+    for category in sorted(TALLY):
+        row = TALLY[category]
+        lines.append(f"{category:<28}" + "".join(f"{row[c]:>17}" for c in COLUMNS))
+        for c in COLUMNS:
+            total[c] += row[c]
+    return lines + [f"{'total':<28}" + "".join(f"{total[c]:>17}" for c in COLUMNS)]
 
 
 def fault_seed() -> int:
