@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from korcpt.errors import ModelError
-from korcpt.model.embeddings import new_token_ids, piece_ids, resize_and_init_embeddings
+from korcpt.model.embeddings import new_token_ids, pieces_of, resize_and_init_embeddings
 from korcpt.vocab.extend import build_extended_tokenizer, learn_extension
 from tinyrun import tiny_model
 
@@ -50,8 +50,7 @@ def test_new_rows_are_means_of_base_pieces_and_old_rows_identical(tokenizers, ti
     assert (emb is head) == tied
     assert torch.equal(emb[: len(base)], old_in) and torch.equal(head[: len(base)], old_out)
     checked = 0
-    for i in ids:
-        pieces = piece_ids(base, new, i)
+    for i, pieces in pieces_of(base, new, ids).items():
         assert pieces and all(p < len(base) for p in pieces)
         assert torch.allclose(emb[i], old_in[pieces].mean(0), atol=1e-6)
         assert torch.allclose(head[i], old_out[pieces].mean(0), atol=1e-6)
@@ -69,7 +68,7 @@ def test_pieces_are_what_the_base_makes_of_the_text(tokenizers):
     token = "▁당뇨병"
     i = new.convert_tokens_to_ids(token)
     assert i >= len(base)
-    assert piece_ids(base, new, i) == base.encode(" 당뇨병", add_special_tokens=False)
+    assert pieces_of(base, new, [i]) == {i: base.encode(" 당뇨병", add_special_tokens=False)}
 
 
 def test_resize_is_idempotent_and_model_larger_than_tokenizer_kept(tokenizers):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -52,19 +53,24 @@ def new_token_ids(base_vocab_size: int, tokenizer) -> list[int]:
     return sorted(i for i in tokenizer.get_vocab().values() if i >= base_vocab_size)
 
 
-def piece_ids(base_tokenizer, new_tokenizer, token_id: int) -> list[int]:
-    """Ids of the pieces the base tokenizer makes of the text of ``new_tokenizer``'s ``token_id``.
+def pieces_of(base_tokenizer, new_tokenizer, token_ids: Iterable[int]) -> dict[int, list[int]]:
+    """token id -> ids of the pieces the base tokenizer makes of the text of ``new_tokenizer``'s token.
 
     A token of the BPE model (``▁간염``) is split by the base BPE model directly, so the leading
     ``▁`` stays part of the first piece exactly as in running text; any other token (an added token)
-    is decoded to text and encoded without special tokens.
+    is decoded to text and encoded without special tokens. The added tokens are read once: reading them
+    costs about 11 ms on Gemma's tokenizer, 220 s if done for each of 20,000 new tokens.
     """
-    token = new_tokenizer.convert_ids_to_tokens(token_id)
     added = {t.content for t in new_tokenizer.added_tokens_decoder.values()}
     model = base_tokenizer.backend_tokenizer.model
-    if token not in added and hasattr(model, "get_vocab"):
-        return [t.id for t in model.tokenize(token)]
-    return base_tokenizer.encode(new_tokenizer.decode([token_id]), add_special_tokens=False)
+    out = {}
+    for token_id in token_ids:
+        token = new_tokenizer.convert_ids_to_tokens(token_id)
+        if token not in added and hasattr(model, "get_vocab"):
+            out[token_id] = [t.id for t in model.tokenize(token)]
+        else:
+            out[token_id] = base_tokenizer.encode(new_tokenizer.decode([token_id]), add_special_tokens=False)
+    return out
 
 
 def _rows(param: torch.nn.Parameter) -> int:
@@ -122,7 +128,7 @@ def resize_and_init_embeddings(model, base_tokenizer, new_tokenizer, pad_to_mult
             f"{_rows(model.get_input_embeddings().weight)} rows; expected {target} (a ZeRO-3 resize bug?)"
         )
 
-    pieces = {i: piece_ids(base_tokenizer, new_tokenizer, i) for i in new_ids}
+    pieces = pieces_of(base_tokenizer, new_tokenizer, new_ids)
     pad_ids = range(max(old_rows, len(new_tokenizer)), target)  # rows that existed before keep their values
     weights = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
