@@ -24,7 +24,7 @@ from korcpt.model.distill import OUTPUT_MODES, DistillOptions, distill_rows
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(ap, DistillOptions, "model", "tokenizer", "corpus", "out_dir", "contexts_per_token", "context_tokens",
-                "depth", "epochs", "lr", "batch_size", "output", "output_steps", "output_batch", "output_pull",
+                "depth", "epochs", "lr", "batch_size", "output", "output_steps", "output_base_share", "output_pull",
                 "output_positions", "min_contexts", "seed", "dtype", "device", "peak_tflops",
                 out_dir={"flag": "--out"}, output={"choices": OUTPUT_MODES},
                 dtype={"choices": ["auto", "float32", "bfloat16"]})
