@@ -25,14 +25,16 @@ Output rows (Gemma ties its head to its embedding, and a distilled input row is 
   states (a ridge fit: Gemma's head has no bias) and ``r`` is the mean log-probability of the other
   pieces after the first, measured by the frozen model at the token's occurrences.
 * ``ntp``: next-token prediction of the new output rows alone, everything else frozen, on the final
-  hidden states of the windows read with the distilled input rows (``output_positions`` of them, cached
-  once with each position's log-normaliser over the base rows; each step is a small matrix product),
-  started from ``mean`` and pulled toward it (``output_pull``).
+  hidden states of the windows read with the distilled input rows (``output_positions`` of them: every
+  one whose target is a new token and a weighted ``output_base_share`` of the rest, cached once with
+  each position's log-normaliser over the base rows; each step is a small matrix product), started from
+  ``mean`` and pulled toward it (``output_pull``).
 
 The result is a directory written beside ``out_dir`` and renamed into place: ``rows.safetensors``
 (``input`` and ``output``, ``[new tokens, hidden]`` float32, and the first id) and ``report.json``
-(settings; the cost, also logged before anything runs; the distance on held-out windows before and after;
-each token's contexts and distance; the tokens with too few contexts and what they got).
+(settings; the cost, also logged before anything runs; each stage's seconds; the distance on held-out
+windows before and after; each token's contexts and distance; the tokens with too few contexts and what
+they got).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class DistillOptions:
     """How the output rows are made: tied, mean, piece_fit or ntp (see the module doc); ntp measured best."""
     output_steps: int = 100
     """Optimizer steps of the ntp output rows over the cached hidden states."""
-    output_base_share: float = 1.0
+    output_base_share: float = 0.25
     """Share of the fit positions whose target is a base token that the ntp fit keeps, each weighted by its
     inverse (every position whose target is a new token is kept): the base head's log-normaliser at each
     kept position is the stage's largest cost."""
