@@ -179,8 +179,25 @@ def test_bad_rows_and_options_are_one_line_errors(tmp_path, distilled, pretraine
     assert f"model.new_rows: no rows.safetensors in {tmp_path / 'none'}" in str(err.value)
     with pytest.raises(ModelError, match="depth is 0.0, expected a share of the decoder layers in"):
         distill_rows(options(pretrained_tiny, tok, tmp_path / "x", depth=0.0))
+    with pytest.raises(ModelError, match=r"output_base_share is 0.0, expected a share in \(0, 1\]"):
+        distill_rows(options(pretrained_tiny, tok, tmp_path / "x", output_base_share=0.0))
     with pytest.raises(ModelError, match="output is 'best', expected one of tied, mean, piece_fit, ntp"):
         distill_rows(options(pretrained_tiny, tok, tmp_path / "x", output="best"))
     with pytest.raises(ModelError, match="adds no token to"):
         distill_rows(options(pretrained_tiny, tiny_data[0], tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_the_output_fit_keeps_every_new_target_and_a_weighted_share_of_the_rest():
+    from korcpt.model.distill import keep_positions
+
+    h = torch.arange(4000.0)[:, None]
+    targets = torch.tensor([10, 200, 300, 20] * 1000)  # ids from 100 are new: half the positions
+    same = keep_positions(h, targets, 100, 1.0, seed=0)
+    assert torch.equal(same[0], h) and torch.equal(same[1], targets) and torch.equal(same[2], torch.ones(4000))
+    kept_h, kept_t, weight = keep_positions(h, targets, 100, 0.25, seed=0)
+    assert (kept_t >= 100).sum() == 2000  # every new-token target
+    assert torch.equal(weight, torch.where(kept_t >= 100, 1.0, 4.0))
+    assert 400 < (kept_t < 100).sum() < 600 and weight.sum().item() == pytest.approx(4000, rel=0.1)
+    assert torch.equal(kept_t, targets[kept_h[:, 0].long()])  # states and targets stay paired
+    assert torch.equal(keep_positions(h, targets, 100, 0.25, seed=0)[0], kept_h)  # seeded
