@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# DEMO_ARGS=--extend runs the extended-vocabulary recipe (tools/demo.py --help)
+DEMO_ARGS ?=
+
 demo: $(VENV)/.installed
-	$(PY) tools/demo.py --config configs/demo_270m.yaml
+	$(PY) tools/demo.py --config configs/demo_270m.yaml $(DEMO_ARGS)
 
 # One pytest-xdist worker per core; each test file runs on one worker, so a file's shared launches
 # (tests/_matrix_launch.py) start once. TEST_WORKERS=0 runs everything in this process.

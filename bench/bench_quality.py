@@ -50,8 +50,8 @@ def variants(work: Path) -> list[tuple[str, list[str]]]:
     """(row name, config overrides) of every trained model."""
     return [("lora only (base tokenizer)",
              [f"data.shards={work / 'base_shards'}", "model.tokenizer=''", "lora.embeddings=frozen"]),
-            ("extended, mean rows", []),
-            ("extended, distilled rows", [f"model.new_rows={work / 'rows'}"])]
+            ("extended, mean rows", ["lora.embeddings=new_tokens"]),
+            ("extended, distilled rows", ["lora.embeddings=new_tokens", f"model.new_rows={work / 'rows'}"])]
 
 
 def build(work: Path, base_cfg: str, steps: list[int], seq_len: int, new_tokens: int, overrides: list[str]) -> dict:
@@ -65,7 +65,7 @@ def build(work: Path, base_cfg: str, steps: list[int], seq_len: int, new_tokens:
     sets = [f"data.shards={work / 'shards'}", f"model.tokenizer={work / 'tokenizer'}", f"train.max_steps={max(steps)}",
             "train.save_steps=0", f"eval.steps={math.gcd(*steps)}", f"eval.heldout_file={HELD_OUT}", "eval.mcq_file=",
             *overrides]
-    draft = load_config(base_cfg, sets, check_files=False)
+    draft = load_config(base_cfg, [*sets, f"model.new_rows={work / 'rows'}"], check_files=False)
     built = demo.build_data(draft, seq_len, new_tokens)
     write_shards(work / "raw_text_mixed.jsonl", work / "base_shards", ShardOptions(
         tokenizer=draft.model.name, seq_len=seq_len, val_fraction=0.05, seed=draft.train.seed, workers=1))
