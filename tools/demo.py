@@ -134,11 +134,12 @@ def summary(cfg, info: dict, built: dict, held_out: dict[str, dict], seconds: fl
         ("training time", f"{info['train_seconds']:.0f} s ({info['tokens_per_sec']:.0f} tokens/s); whole demo {seconds:.0f} s"),
         ("distillation", "-" if not cfg.model.tokenizer else
                          "off (--no-distill): new rows start at the mean of their pieces" if not built["rows"] else
-                         f"{built['rows']['seconds']:.0f} s, {built['rows']['cost']['tokens_read']:,} tokens read; "
+                         f"{built['rows']['seconds']:.0f} s ({built['rows']['seconds'] / info['train_seconds']:.2f} of the "
+                         f"training time), {built['rows']['cost']['tokens_read']:,} tokens read; "
                          f"hidden-state distance {built['rows']['loss_mean_init']:.3f} (mean) -> "
                          f"{built['rows']['loss_final']:.3f} on held-out windows"),
         ("val perplexity", f"{_fmt(info['val_ppl_baseline'], '.2f')} -> {_fmt(info['val_ppl_final'], '.2f')}"
-                           (" (per token of the extended tokenizer: not comparable with the base's)" if cfg.model.tokenizer else "")),
+                           + (" (per token of the extended tokenizer: not comparable with the base's)" if cfg.model.tokenizer else "")),
         ("val bits/char", f"{_fmt(info['val_bpc_baseline'], '.3f')} -> {_fmt(info['val_bpc_final'], '.3f')}"),
         ("held-out bits/char", "; ".join(f"{name} {r['bpc']:.3f} ({r['tokens_per_100_chars']:.1f} tok/100 chars)"
                                          for name, r in held_out.items()) + f"  [{HELD_OUT.name}, never trained on]"),
