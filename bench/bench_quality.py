@@ -60,15 +60,15 @@ def build(work: Path, base_cfg: str, steps: list[int], seq_len: int, new_tokens:
     import demo
 
     from korcpt.config import load_config
-    from korcpt.shards.writer import ShardOptions, write_shards
+    from korcpt.shards.writer import write_shards
 
     sets = [f"data.shards={work / 'shards'}", f"model.tokenizer={work / 'tokenizer'}", f"train.max_steps={max(steps)}",
             "train.save_steps=0", f"eval.steps={math.gcd(*steps)}", f"eval.heldout_file={HELD_OUT}", "eval.mcq_file=",
             *overrides]
     draft = load_config(base_cfg, [*sets, f"model.new_rows={work / 'rows'}"], check_files=False)
     built = demo.build_data(draft, seq_len, new_tokens)
-    write_shards(work / "raw_text_mixed.jsonl", work / "base_shards", ShardOptions(
-        tokenizer=draft.model.name, seq_len=seq_len, val_fraction=0.05, seed=draft.train.seed, workers=1))
+    write_shards(work / "raw_text_mixed.jsonl", work / "base_shards",
+                 demo.shard_options(draft, seq_len, draft.model.name))
     return {"sets": sets, "new_tokens": built["vocab"].get("new_tokens"), "rows": built["rows"]}
 
 

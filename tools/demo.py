@@ -37,7 +37,7 @@ def parse_args(argv):
     ap.add_argument("--config", default="configs/demo_270m.yaml", help="run config of the training stage")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
     ap.add_argument("--extend", action="store_true",
-                    help="extend the vocabulary and train LoRA + the new rows (the spec's recipe) instead of LoRA alone")
+                    help="extend the vocabulary and train LoRA + the new rows (the spec's recipe), not LoRA alone")
     ap.add_argument("--new-tokens", type=int, default=1024, help="with --extend: cap on tokens added to the vocabulary")
     ap.add_argument("--no-distill", dest="distill", action="store_false",
                     help="with --extend: start the new rows at the mean of their pieces instead of distilling them")
@@ -54,12 +54,20 @@ def extended_sets(cfg, distill: bool) -> list[str]:
     return sets + ([f"model.new_rows={work / 'rows'}"] if distill else [])
 
 
+def shard_options(cfg, seq_len: int, tokenizer: str):
+    """How the demo packs its corpus with ``tokenizer`` (the same for the base and the extended shards, so
+    that runs on either see the same documents split the same way)."""
+    from korcpt.shards.writer import ShardOptions
+
+    return ShardOptions(tokenizer=tokenizer, seq_len=seq_len, val_fraction=0.05, seed=cfg.train.seed, workers=1)
+
+
 def build_data(cfg, seq_len: int, new_tokens: int, distill: bool = True) -> dict:
     """Corpus, and, when the config names a tokenizer (``model.tokenizer``), the vocabulary extension into
     it and the distilled rows (``model.new_rows``, unless ``distill`` is off); then shards with that
     tokenizer (the base model's without one), into the directories the config names."""
     from korcpt.corpus.build import CorpusOptions, build_corpus
-    from korcpt.shards.writer import ShardOptions, write_shards
+    from korcpt.shards.writer import write_shards
     from korcpt.vocab.extend import ExtendOptions, extend_tokenizer
 
     shards = Path(cfg.data.shards)
@@ -80,9 +88,8 @@ def build_data(cfg, seq_len: int, new_tokens: int, distill: bool = True) -> dict
         rows = distill_rows(DistillOptions(model=cfg.model.name, tokenizer=Path(cfg.model.tokenizer), corpus=corpus,
                                            out_dir=Path(cfg.model.new_rows), seed=cfg.train.seed,
                                            contexts_per_token=DEMO_CONTEXTS))
-    manifest = write_shards(corpus, shards, ShardOptions(
-        tokenizer=cfg.model.tokenizer or cfg.model.name, seq_len=seq_len, val_fraction=0.05, seed=cfg.train.seed,
-        workers=1), corpus_report=corpus_report)
+    manifest = write_shards(corpus, shards, shard_options(cfg, seq_len, cfg.model.tokenizer or cfg.model.name),
+                            corpus_report=corpus_report)
     return {"manifest": manifest, "vocab": vocab_report, "rows": rows}
 
 
@@ -138,12 +145,14 @@ def summary(cfg, info: dict, built: dict, held_out: dict[str, dict], seconds: fl
         ("training time", f"{info['train_seconds']:.0f} s ({info['tokens_per_sec']:.0f} tokens/s); whole demo {seconds:.0f} s"),
         ("distillation", "-" if not cfg.model.tokenizer else
                          "off (--no-distill): new rows start at the mean of their pieces" if not built["rows"] else
-                         f"{built['rows']['seconds']:.0f} s ({built['rows']['seconds'] / info['train_seconds']:.2f} of the "
-                         f"training time), {built['rows']['cost']['tokens_read']:,} tokens read; "
+                         f"{built['rows']['seconds']:.0f} s "
+                         f"({built['rows']['seconds'] / info['train_seconds']:.2f} of the training time), "
+                         f"{built['rows']['cost']['tokens_read']:,} tokens read; "
                          f"hidden-state distance {built['rows']['loss_mean_init']:.3f} (mean) -> "
                          f"{built['rows']['loss_final']:.3f} on held-out windows"),
         ("val perplexity", f"{_fmt(info['val_ppl_baseline'], '.2f')} -> {_fmt(info['val_ppl_final'], '.2f')}"
-                           + (" (per token of the extended tokenizer: not comparable with the base's)" if cfg.model.tokenizer else "")),
+                           + (" (per token of the extended tokenizer: not comparable with the base's)"
+                              if cfg.model.tokenizer else "")),
         ("val bits/char", f"{_fmt(info['val_bpc_baseline'], '.3f')} -> {_fmt(info['val_bpc_final'], '.3f')}"),
         ("held-out bits/char", "; ".join(f"{name} {r['bpc']:.3f} ({r['tokens_per_100_chars']:.1f} tok/100 chars)"
                                          for name, r in held_out.items()) + f"  [{HELD_OUT.name}, never trained on]"),
